@@ -1,0 +1,146 @@
+"""The ``bpnet`` command: one small function per task.
+
+Each task's options mirror TAO's. Heavy libraries (TensorFlow, ONNX Runtime)
+are imported inside the task bodies only, so ``bpnet --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import BpnetError
+
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+log = logging.getLogger("bpnet")
+
+
+def _setup_logging(level: str):
+    logging.basicConfig(level=getattr(logging, level), format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr, force=True)
+    if level != "DEBUG":
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+        for noisy in ("tensorflow", "absl", "h5py", "tf2onnx", "matplotlib", "numba"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def run_task(name: str, results_dir, log_level: str, body):
+    """Run ``body(status)`` with logging, status.json and clean error reporting."""
+    _setup_logging(log_level)
+    from .io import Status
+    results = Path(results_dir)
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+        status = Status(results, name)
+    except OSError as e:
+        _die(name, f"cannot write to results dir {results}: {e.strerror or e}")
+    try:
+        out = body(status)
+    except BpnetError as e:
+        _fail(name, status, str(e), log_level)
+    except KeyboardInterrupt:
+        _fail(name, status, "interrupted", log_level, code=130)
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        _fail(name, status, f"{e.strerror or e}{where}", log_level)
+    except Exception as e:  # a bug: one line unless debugging
+        _fail(name, status, f"unexpected {type(e).__name__}: {e}", log_level, bug=True)
+    else:
+        if isinstance(out, dict):
+            status.success("done", **out)
+        else:
+            status.success(out if isinstance(out, str) else "done")
+        return out
+
+
+def _fail(name, status, message, log_level, code=1, bug=False):
+    try:
+        status.failure(message)
+    except OSError:
+        pass
+    if log_level == "DEBUG":
+        raise  # noqa: PLE0704 -- re-raise the exception being handled, with its traceback
+    hint = " (run with --log_level DEBUG for the traceback)" if bug else ""
+    _die(name, message + hint, code)
+
+
+def _die(name, message, code=1):
+    click.echo(f"bpnet {name}: error: {message}", err=True)
+    sys.exit(code)
+
+
+def common_options(default_results=None):
+    def deco(f):
+        f = click.option("-ll", "--log_level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
+                         default="INFO", show_default=True, callback=lambda c, p, v: v.upper(),
+                         help="Logging verbosity; DEBUG also shows tracebacks.")(f)
+        f = click.option("-r", "--results_dir", type=click.Path(file_okay=False),
+                         required=default_results is None, default=default_results,
+                         show_default=default_results is not None,
+                         help="Folder for this task's outputs and status.json.")(f)
+        return f
+    return deco
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="bpnet")
+def main():
+    """bpnet: bottom-up multi-person 2D pose estimation (OpenPose-style PAF networks).
+
+    One subcommand per pipeline stage, each driven by YAML/JSON spec files.
+    """
+
+
+@main.command("dataset_convert")
+@click.option("-d", "--dataset_spec", required=True, type=click.Path(),
+              help="Dataset spec (JSON or YAML), e.g. data_pose_config/coco_spec.json.")
+@click.option("-o", "--output_filename", required=True, type=click.Path(),
+              help="Output TFRecord path prefix, e.g. data/train.")
+@click.option("-m", "--mode", type=click.Choice(["train", "test"]), default="train", show_default=True,
+              help="Which split of the dataset spec to convert.")
+@click.option("-p", "--num_partitions", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("-s", "--num_shards", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Shards per partition (0: one file per partition).")
+@click.option("--generate_masks", is_flag=True, help="Write loss masks under mask_root_dir_path.")
+@click.option("--check_files", is_flag=True, help="Check that every image exists and decodes.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Worker processes (0: one per core).")
+@common_options(default_results="results/dataset_convert")
+def dataset_convert_cmd(dataset_spec, output_filename, mode, num_partitions, num_shards,
+                        generate_masks, check_files, workers, results_dir, log_level):
+    """Convert a COCO-format keypoint dataset into TFRecords (and loss masks)."""
+    def body(status):
+        from .data.convert import dataset_convert
+        return dataset_convert(dataset_spec, output_filename, mode=mode,
+                               num_partitions=num_partitions, num_shards=num_shards,
+                               generate_masks=generate_masks, check_files=check_files,
+                               workers=workers, status=status)
+    run_task("dataset_convert", results_dir, log_level, body)
+
+
+@main.command("make_sample_data")
+@click.option("-o", "--output_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder to write the dataset into (images, annotations, dataset spec).")
+@click.option("--num_train", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--num_val", type=click.IntRange(min=1), default=40, show_default=True)
+@click.option("--image_size", type=(int, int), default=(256, 256), show_default=True,
+              metavar="H W", help="Image height and width in pixels.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@common_options(default_results="results/make_sample_data")
+def make_sample_data_cmd(output_dir, num_train, num_val, image_size, seed, results_dir, log_level):
+    """Write a small synthetic COCO-format keypoint dataset (for smoke runs and tests)."""
+    def body(status):
+        from .data.synthetic import make_sample_dataset
+        return make_sample_dataset(output_dir, num_train=num_train, num_val=num_val,
+                                   image_size=tuple(image_size), seed=seed)
+    run_task("make_sample_data", results_dir, log_level, body)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

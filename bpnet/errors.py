@@ -1,0 +1,9 @@
+"""The one exception type that the command line turns into a clean message."""
+
+
+class BpnetError(Exception):
+    """A problem the user can fix (bad spec, missing file, bad data).
+
+    The CLI prints its message on one line and exits non-zero; any other
+    exception is a bug and shows a traceback only with --log_level DEBUG.
+    """

@@ -1,0 +1,95 @@
+"""Small I/O helpers shared by every task: atomic writes and status.json."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path``; rename it over ``path`` on success.
+
+    An interrupted writer leaves at most a hidden ``.*.tmp`` file, never a
+    file under the final name that looks complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes_atomic(path, data: bytes):
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def write_text_atomic(path, text: str):
+    write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path, obj, indent: Optional[int] = 2):
+    write_text_atomic(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    import numpy as np
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+class Status:
+    """The ``status.json`` every task keeps in its results dir.
+
+    STARTED when the task begins, RUNNING with progress (throttled to one
+    write a second), SUCCESS or FAILURE with the message at the end.
+    """
+
+    def __init__(self, results_dir, task: str):
+        self.path = Path(results_dir) / "status.json"
+        self.task = task
+        self.started = time.time()
+        self._last = 0.0
+        self.extra: dict = {}
+        self._write("STARTED", "")
+
+    def _write(self, status, message, **kw):
+        doc = {"task": self.task, "status": status, "message": message,
+               "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
+               "elapsed_s": round(time.time() - self.started, 3), **self.extra, **kw}
+        write_json_atomic(self.path, doc)
+
+    def progress(self, done, total=None, message: str = "", force: bool = False, **kw):
+        now = time.time()
+        if not force and now - self._last < 1.0:
+            return
+        self._last = now
+        prog = {"done": done}
+        if total:
+            prog["total"] = total
+            prog["fraction"] = round(done / total, 4)
+        self._write("RUNNING", message, progress=prog, **kw)
+
+    def success(self, message: str = "", **kw):
+        self.extra.update(kw)
+        self._write("SUCCESS", message)
+
+    def failure(self, message: str):
+        self._write("FAILURE", message)

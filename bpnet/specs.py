@@ -1,0 +1,689 @@
+"""Spec files as typed, validated dataclasses.
+
+Every spec (train, inference, dataset, and the pose config) is read from
+YAML or JSON with TAO's key names. Loading rejects unknown keys (with a
+suggestion), wrong types and impossible values, naming the file and the
+full key path. Fields marked as paths are resolved against the folder of
+the spec file that names them.
+
+TAO's ``__class_name__`` keys are accepted: where a section has variants
+(model, loss, learning-rate schedule) they select one; elsewhere they are
+checked against the section's own class name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .errors import BpnetError
+
+
+def path_field(default=None, **kw):
+    """A path, resolved against the folder of the spec file that names it."""
+    return field(default=default, metadata={"path": True, **kw})
+
+
+def choice_field(default, choices, **kw):
+    return field(default=default, metadata={"choices": tuple(choices), **kw})
+
+
+class SpecError(BpnetError):
+    pass
+
+
+# ----------------------------------------------------------------- reading
+
+def read_mapping(path) -> dict:
+    """Read a YAML or JSON file into a dict, with clear errors."""
+    path = Path(path)
+    if not path.exists():
+        raise SpecError(f"{path}: file not found")
+    if path.is_dir():
+        raise SpecError(f"{path}: is a folder, expected a YAML or JSON file")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: cannot read ({e})") from e
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text)
+    except Exception as e:  # yaml/json both have several error types
+        raise SpecError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: the top level must be a mapping of keys to values")
+    return data
+
+
+# ----------------------------------------------------------------- building
+
+class _Ctx:
+    def __init__(self, source: str, base_dir: Optional[Path]):
+        self.source = source
+        self.base_dir = base_dir
+
+    def fail(self, where: str, msg: str):
+        raise SpecError(f"{self.source}: {where}: {msg}" if where else f"{self.source}: {msg}")
+
+
+def _typename(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_typename(a) for a in args) + " or null"
+    if origin in (list, List):
+        return f"list of {_typename(typing.get_args(tp)[0])}"
+    if origin in (dict, Dict):
+        return f"mapping of {_typename(typing.get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp, value, where: str, ctx: _Ctx, is_path: bool):
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, where, ctx, is_path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            ctx.fail(where, f"expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, where, ctx)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            ctx.fail(where, f"expected a list, got {type(value).__name__} {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_convert(inner, v, f"{where}[{i}]", ctx, is_path) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            ctx.fail(where, f"expected a mapping, got {type(value).__name__} {value!r}")
+        _, inner = typing.get_args(tp)
+        return {str(k): _convert(inner, v, f"{where}.{k}", ctx, is_path) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            ctx.fail(where, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and not value.is_integer()):
+            ctx.fail(where, f"expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML 1.1 reads 2.e-5 fine but "2e-5" as a string: accept that.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            ctx.fail(where, f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            ctx.fail(where, f"expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            ctx.fail(where, f"expected a string, got {type(value).__name__} {value!r}")
+        if is_path:
+            p = Path(value).expanduser()
+            if not p.is_absolute() and ctx.base_dir is not None:
+                p = ctx.base_dir / p
+            return os.path.normpath(str(p))
+        return value
+    raise TypeError(f"unsupported spec type {tp}")  # a bug in the spec classes
+
+
+def _build(cls, data: dict, where: str, ctx: _Ctx):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    class_names = getattr(cls, "CLASS_NAMES", None)
+    for key, value in data.items():
+        kpath = f"{where}.{key}" if where else key
+        if key == "__class_name__":
+            if class_names is not None and value not in class_names:
+                ctx.fail(kpath, f"unknown class {value!r}; choose one of {', '.join(class_names)}")
+            if class_names is not None:
+                kwargs["class_name"] = value
+            continue
+        if key not in fields or key == "class_name":
+            near = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+            hint = f" (did you mean {near[0]!r}?)" if near else f"; known keys: {', '.join(sorted(fields))}"
+            ctx.fail(kpath, f"unknown key{hint}")
+        f = fields[key]
+        conv = _convert(hints[key], value, kpath, ctx, f.metadata.get("path", False))
+        choices = f.metadata.get("choices")
+        if choices is not None and conv not in choices:
+            ctx.fail(kpath, f"{conv!r} is not allowed; choose one of "
+                     f"{', '.join('null' if c is None else repr(c) for c in choices)}")
+        kwargs[key] = conv
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        for bad_key, msg in check() or []:
+            ctx.fail(f"{where}.{bad_key}" if where else bad_key, msg)
+    return obj
+
+
+def build_spec(cls, data: dict, source: str = "<dict>", base_dir=None):
+    """Build spec class ``cls`` from a mapping (paths relative to base_dir)."""
+    return _build(cls, data, "", _Ctx(source, Path(base_dir) if base_dir else None))
+
+
+def load_spec(cls, path):
+    path = Path(path)
+    data = read_mapping(path)
+    return build_spec(cls, data, str(path), path.resolve().parent)
+
+
+def spec_to_dict(obj) -> dict:
+    """Plain dict of a spec (for writing the spec a run used next to its outputs)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        key = "__class_name__" if f.name == "class_name" else f.name
+        if dataclasses.is_dataclass(v):
+            v = spec_to_dict(v)
+        elif isinstance(v, list):
+            v = [spec_to_dict(x) if dataclasses.is_dataclass(x) else x for x in v]
+        out[key] = v
+    return out
+
+
+def _positive(obj, names):
+    return [(n, f"must be > 0, got {getattr(obj, n)}") for n in names if getattr(obj, n) <= 0]
+
+
+# ================================================================ dataset spec
+
+@dataclass
+class DataSplit:
+    images_root_dir_path: str = "images"
+    mask_root_dir_path: str = "masks"
+    annotation_root_dir_path: str = "annotations.json"
+
+
+@dataclass
+class DatasetCategory:
+    supercategory: str = "person"
+    id: int = 1
+    name: str = "person"
+    num_joints: int = 17
+    keypoints: List[str] = field(default_factory=list)
+    skeleton: List[List[int]] = field(default_factory=list)
+
+    def check(self):
+        if not self.keypoints:
+            return [("keypoints", "list the dataset's keypoint names in annotation order")]
+        if self.num_joints != len(self.keypoints):
+            return [("num_joints", f"is {self.num_joints} but {len(self.keypoints)} keypoints are listed")]
+        return []
+
+
+@dataclass
+class VisibilityValues:
+    visible: int = 2
+    occluded: int = 1
+    not_labeled: int = 0
+
+
+@dataclass
+class VisibilityFlags:
+    value: VisibilityValues = field(default_factory=VisibilityValues)
+    # Which canonical state each named flag means (TAO's "mapping").
+    mapping: Dict[str, str] = field(default_factory=lambda: {
+        "visible": "visible", "occluded": "occluded", "not_labeled": "not_labeled"})
+
+    def check(self):
+        ok = {"visible", "occluded", "not_labeled"}
+        for k, v in self.mapping.items():
+            if k not in ok:
+                return [(f"mapping.{k}", f"unknown flag; use {sorted(ok)}")]
+            if v not in ok:
+                return [(f"mapping.{k}", f"{v!r} is not one of {sorted(ok)}")]
+        return []
+
+    def table(self) -> Dict[int, int]:
+        """Dataset visibility value -> canonical code (0, 1, 2)."""
+        from .pose import NOT_LABELED, OCCLUDED, VISIBLE
+        canon = {"visible": VISIBLE, "occluded": OCCLUDED, "not_labeled": NOT_LABELED}
+        return {getattr(self.value, k): canon[self.mapping.get(k, k)] for k in canon}
+
+
+@dataclass
+class DataFilteringParams:
+    min_acceptable_height: float = 32.0
+    min_acceptable_width: float = 32.0
+    min_acceptable_kpts: int = 5
+    min_acceptable_interperson_dist_ratio: float = 0.3
+
+    def check(self):
+        bad = [(n, f"must be >= 0, got {getattr(self, n)}") for n in
+               ("min_acceptable_height", "min_acceptable_width", "min_acceptable_kpts",
+                "min_acceptable_interperson_dist_ratio") if getattr(self, n) < 0]
+        return bad
+
+
+@dataclass
+class DatasetSpec:
+    dataset: str = "coco"
+    root_directory_path: str = path_field(".")
+    train_data: Optional[DataSplit] = None
+    test_data: Optional[DataSplit] = None
+    duplicate_data_with_each_person_as_center: bool = True
+    categories: List[DatasetCategory] = field(default_factory=list)
+    visibility_flags: VisibilityFlags = field(default_factory=VisibilityFlags)
+    data_filtering_params: DataFilteringParams = field(default_factory=DataFilteringParams)
+    # bpnet extension: the model pose config the records are written for.
+    # Default: the 18-joint COCO config shipped with bpnet.
+    pose_config_path: Optional[str] = path_field(None)
+
+    def check(self):
+        if not self.categories:
+            return [("categories", "list one category with its keypoints")]
+        if len(self.categories) != 1:
+            return [("categories", "exactly one (person) category is supported")]
+        return []
+
+    @property
+    def category(self) -> DatasetCategory:
+        return self.categories[0]
+
+    def split(self, mode: str) -> DataSplit:
+        key = {"train": "train_data", "test": "test_data"}[mode]
+        s = getattr(self, key)
+        if s is None:
+            raise SpecError(f"the dataset spec has no {key} section (needed for mode {mode!r})")
+        return s
+
+    def split_paths(self, mode: str):
+        """(images dir, masks dir, annotation file) of a split, as absolute Paths."""
+        s = self.split(mode)
+        root = Path(self.root_directory_path)
+        return (root / s.images_root_dir_path, root / s.mask_root_dir_path,
+                root / s.annotation_root_dir_path)
+
+    def pose_config(self):
+        from .pose import load_pose_config
+        return load_pose_config(self.pose_config_path or default_pose_config_path())
+
+
+def default_pose_config_path() -> Path:
+    return Path(__file__).resolve().parent / "configs" / "bpnet_18joints.json"
+
+
+def load_dataset_spec(path) -> DatasetSpec:
+    return load_spec(DatasetSpec, path)
+
+
+# ================================================================ train spec
+
+@dataclass
+class PoseConfigRef:
+    target_shape: List[int] = field(default_factory=lambda: [32, 32])
+    pose_config_path: str = path_field(None)
+
+    def check(self):
+        if len(self.target_shape) != 2 or min(self.target_shape) <= 0:
+            return [("target_shape", f"must be [height, width] > 0, got {self.target_shape}")]
+        return []
+
+    def load(self):
+        from .pose import load_pose_config
+        return load_pose_config(self.pose_config_path or default_pose_config_path())
+
+
+@dataclass
+class ImageDims:
+    height: int = 256
+    width: int = 256
+    channels: int = 3
+
+    def check(self):
+        out = _positive(self, ["height", "width"])
+        if self.channels not in (1, 3):
+            out.append(("channels", f"must be 1 or 3, got {self.channels}"))
+        return out
+
+
+@dataclass
+class ImageConfig:
+    image_dims: ImageDims = field(default_factory=ImageDims)
+    image_encoding: str = choice_field("jpg", ["jpg", "jpeg", "png"])
+
+
+@dataclass
+class DatasetConfig:
+    root_data_path: str = path_field(".")
+    train_records_folder_path: str = path_field(".")
+    train_records_path: List[str] = field(default_factory=list)
+    val_records_folder_path: Optional[str] = path_field(None)
+    val_records_path: List[str] = field(default_factory=list)
+    dataset_specs: Dict[str, str] = field(default_factory=dict, metadata={"path": True})
+
+
+@dataclass
+class NormalizationParams:
+    image_scale: List[float] = field(default_factory=lambda: [256.0, 256.0, 256.0])
+    image_offset: List[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    mask_scale: List[float] = field(default_factory=lambda: [255.0])
+    mask_offset: List[float] = field(default_factory=lambda: [0.0])
+
+    def check(self):
+        out = []
+        for n in ("image_scale", "image_offset"):
+            if len(getattr(self, n)) != 3:
+                out.append((n, "needs 3 values (R, G, B)"))
+        if any(s == 0 for s in self.image_scale + self.mask_scale):
+            out.append(("image_scale", "scales must be non-zero"))
+        return out
+
+
+@dataclass
+class SpatialAugParams:
+    flip_lr_prob: float = 0.0
+    flip_tb_prob: float = 0.0
+    rotate_deg_max: float = 0.0
+    rotate_deg_min: Optional[float] = None  # None: -rotate_deg_max
+    zoom_prob: float = 0.0
+    zoom_ratio_min: float = 1.0
+    zoom_ratio_max: float = 1.0
+    translate_max_x: float = 0.0
+    translate_min_x: Optional[float] = None
+    translate_max_y: float = 0.0
+    translate_min_y: Optional[float] = None
+    use_translate_ratio: bool = False
+    translate_ratio_max: float = 0.2
+    translate_ratio_min: float = -0.2
+    target_person_scale: float = 0.6
+
+    def __post_init__(self):
+        if self.rotate_deg_min is None:
+            self.rotate_deg_min = -self.rotate_deg_max
+        if self.translate_min_x is None:
+            self.translate_min_x = -self.translate_max_x
+        if self.translate_min_y is None:
+            self.translate_min_y = -self.translate_max_y
+
+    def check(self):
+        out = []
+        for n in ("flip_lr_prob", "flip_tb_prob", "zoom_prob"):
+            if not 0.0 <= getattr(self, n) <= 1.0:
+                out.append((n, f"is a probability: 0..1, got {getattr(self, n)}"))
+        for lo, hi in (("rotate_deg_min", "rotate_deg_max"), ("zoom_ratio_min", "zoom_ratio_max"),
+                       ("translate_min_x", "translate_max_x"), ("translate_min_y", "translate_max_y"),
+                       ("translate_ratio_min", "translate_ratio_max")):
+            if getattr(self, lo) > getattr(self, hi):
+                out.append((lo, f"{getattr(self, lo)} is larger than {hi} {getattr(self, hi)}"))
+        if self.zoom_ratio_min <= 0:
+            out.append(("zoom_ratio_min", "must be > 0"))
+        if self.target_person_scale <= 0:
+            out.append(("target_person_scale", "must be > 0"))
+        return out
+
+
+AUGMENTATION_MODES = ("person_centric", "standard", "standard_with_fixed_aspect_ratio")
+
+
+@dataclass
+class AugmentationConfig:
+    CLASS_NAMES = ("AugmentationConfig",)
+    class_name: str = "AugmentationConfig"
+    spatial_augmentation_mode: str = choice_field("person_centric", AUGMENTATION_MODES)
+    spatial_aug_params: SpatialAugParams = field(default_factory=SpatialAugParams)
+    identity_spatial_aug_params: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class LabelProcessorConfig:
+    heatmap_gaussian_sigma: float = 7.0
+    paf_ortho_dist_thresh: float = 1.0
+    # TAO's key, never used there; bpnet uses it for nothing either but
+    # accepts it so TAO specs load (see README, "TAO differences").
+    paf_gaussian_sigma: float = 0.03
+
+    def check(self):
+        return _positive(self, ["heatmap_gaussian_sigma", "paf_ortho_dist_thresh"])
+
+
+@dataclass
+class DataloaderConfig:
+    CLASS_NAMES = ("BpNetDataloader",)
+    class_name: str = "BpNetDataloader"
+    batch_size: int = 10
+    shuffle_buffer_size: int = 20000
+    num_parallel_calls: int = 0  # 0: one per core
+    pose_config: PoseConfigRef = field(default_factory=PoseConfigRef)
+    image_config: ImageConfig = field(default_factory=ImageConfig)
+    dataset_config: DatasetConfig = field(default_factory=DatasetConfig)
+    normalization_params: NormalizationParams = field(default_factory=NormalizationParams)
+    augmentation_config: AugmentationConfig = field(default_factory=AugmentationConfig)
+    label_processor_config: LabelProcessorConfig = field(default_factory=LabelProcessorConfig)
+
+    def check(self):
+        out = _positive(self, ["batch_size"])
+        if self.shuffle_buffer_size < 0:
+            out.append(("shuffle_buffer_size", "must be >= 0"))
+        return out
+
+
+@dataclass
+class BackboneAttributes:
+    architecture: str = choice_field("vgg", ["vgg", "mobilenet_v1"])
+    nlayers: int = 19
+    mtype: str = "default"
+    use_bias: bool = False
+
+    def check(self):
+        if self.architecture == "vgg" and self.nlayers != 19:
+            return [("nlayers", f"vgg supports nlayers 19, got {self.nlayers}")]
+        return []
+
+
+MODEL_CLASSES = ("BpNetModel", "BpNetLiteModel", "MobileNetThinModel")
+
+
+@dataclass
+class ModelConfig:
+    CLASS_NAMES = MODEL_CLASSES
+    class_name: str = "BpNetLiteModel"
+    backbone_attributes: BackboneAttributes = field(default_factory=BackboneAttributes)
+    stages: int = 6
+    heat_channels: int = 19
+    paf_channels: int = 38
+    use_self_attention: bool = False
+    data_format: str = choice_field("channels_last", ["channels_last"])
+    use_bias: bool = True
+    regularization_type: str = choice_field("l2", ["l1", "l2", "l1_l2"])
+    kernel_regularization_factor: float = 5e-4
+    bias_regularization_factor: float = 0.0
+    kernel_initializer: str = choice_field("random_normal", ["random_normal", "xavier"])
+    # bpnet extension: scales every convolution's width (1.0 = TAO's model);
+    # small values make the tiny models used by tests and smoke runs.
+    width_multiplier: float = 1.0
+
+    def check(self):
+        out = []
+        if self.stages < 2:
+            out.append(("stages", f"must be >= 2 (an initial stage plus refinements), got {self.stages}"))
+        out += _positive(self, ["heat_channels", "paf_channels", "width_multiplier"])
+        if self.paf_channels % 2:
+            out.append(("paf_channels", f"must be even (x and y per limb), got {self.paf_channels}"))
+        if min(self.kernel_regularization_factor, self.bias_regularization_factor) < 0:
+            out.append(("kernel_regularization_factor", "regularization factors must be >= 0"))
+        return out
+
+
+@dataclass
+class FocalLossParams:
+    alpha: float = 0.1
+    beta: float = 0.02
+    bkg_thresh: float = 0.01
+    gamma: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    CLASS_NAMES = ("BpNetLoss", "BpNetFocalLoss")
+    class_name: str = "BpNetLoss"
+    focal_loss_params: FocalLossParams = field(default_factory=FocalLossParams)
+
+
+LR_SCHEDULES = ("SoftstartAnnealingLearningRateSchedule", "ExponentialDecayLearningRateSchedule")
+
+
+@dataclass
+class LearningRateSchedule:
+    CLASS_NAMES = LR_SCHEDULES
+    class_name: str = "SoftstartAnnealingLearningRateSchedule"
+    # soft-start annealing
+    base_learning_rate: float = 2e-5
+    min_learning_rate: float = 8e-8
+    soft_start: float = 0.05
+    annealing: float = 0.5
+    # exponential decay
+    learning_rate: float = 2e-5
+    decay_epochs: float = 1.0
+    decay_rate: float = 0.95
+    staircase: bool = False
+
+    def check(self):
+        out = _positive(self, ["base_learning_rate", "min_learning_rate", "learning_rate",
+                               "decay_epochs", "decay_rate"])
+        if not 0.0 <= self.soft_start < self.annealing <= 1.0:
+            out.append(("soft_start", f"need 0 <= soft_start < annealing <= 1, got "
+                        f"{self.soft_start} and {self.annealing}"))
+        if self.min_learning_rate > self.base_learning_rate:
+            out.append(("min_learning_rate", "is larger than base_learning_rate"))
+        return out
+
+
+@dataclass
+class OptimizerConfig:
+    CLASS_NAMES = ("WeightedMomentumOptimizer",)
+    class_name: str = "WeightedMomentumOptimizer"
+    momentum: float = 0.9
+    use_nesterov: bool = False
+    learning_rate_schedule: LearningRateSchedule = field(default_factory=LearningRateSchedule)
+    # TAO's base learning rate is for one GPU; scale it by the replica count.
+    scale_learning_rate_by_replicas: bool = True
+
+    def check(self):
+        if not 0.0 <= self.momentum < 1.0:
+            return [("momentum", f"must be in [0, 1), got {self.momentum}")]
+        return []
+
+
+@dataclass
+class FinetuningConfig:
+    is_finetune_exp: bool = False
+    checkpoint_path: Optional[str] = path_field(None)
+    ckpt_epoch_num: int = 0
+
+
+@dataclass
+class TrainSpec:
+    CLASS_NAMES = ("BpNetTrainer",)
+    class_name: str = "BpNetTrainer"
+    checkpoint_dir: Optional[str] = path_field(None)
+    checkpoint_n_epoch: int = 1
+    num_epoch: int = 2
+    random_seed: int = 42
+    pretrained_weights: Optional[str] = path_field(None)
+    load_graph: bool = False
+    use_stagewise_lr_multipliers: bool = False
+    finetuning_config: FinetuningConfig = field(default_factory=FinetuningConfig)
+    inference_spec: Optional[str] = path_field(None)
+    final_model_name: str = "bpnet_model"
+    log_every_n_secs: int = 30
+    summary_every_n_steps: int = 20
+    infer_every_n_epoch: Optional[int] = None
+    validation_every_n_epoch: int = 1
+    max_ckpt_to_keep: int = 5
+    steps_per_epoch: Optional[int] = None  # bpnet extension; None: one pass over the records
+    dataloader: DataloaderConfig = field(default_factory=DataloaderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+    STRIDE = 8
+
+    def check(self):
+        out = _positive(self, ["num_epoch", "checkpoint_n_epoch", "validation_every_n_epoch",
+                               "max_ckpt_to_keep"])
+        if out:
+            return out
+        if self.num_epoch % self.checkpoint_n_epoch:
+            out.append(("checkpoint_n_epoch", f"{self.checkpoint_n_epoch} does not divide "
+                        f"num_epoch {self.num_epoch}"))
+        dims = self.dataloader.image_config.image_dims
+        th, tw = self.dataloader.pose_config.target_shape
+        if (th * self.STRIDE, tw * self.STRIDE) != (dims.height, dims.width):
+            out.append(("dataloader.pose_config.target_shape",
+                        f"{[th, tw]} x stride {self.STRIDE} = {[th * self.STRIDE, tw * self.STRIDE]} "
+                        f"does not match image_dims {[dims.height, dims.width]}; use "
+                        f"{[dims.height // self.STRIDE, dims.width // self.STRIDE]}"))
+        if self.steps_per_epoch is not None and self.steps_per_epoch <= 0:
+            out.append(("steps_per_epoch", "must be > 0"))
+        return out
+
+
+def load_train_spec(path) -> TrainSpec:
+    return load_spec(TrainSpec, path)
+
+
+# ================================================================ inference spec
+
+@dataclass
+class InferenceSpec:
+    model_path: Optional[str] = path_field(None)
+    train_spec: Optional[str] = path_field(None)
+    input_shape: List[int] = field(default_factory=lambda: [368, 368])
+    keep_aspect_ratio_mode: Optional[str] = choice_field(
+        "adjust_network_input", ["adjust_network_input", "pad_image_input", None])
+    output_stage_to_use: Optional[int] = None
+    output_upsampling_factor: List[int] = field(default_factory=lambda: [8, 8])
+    heatmap_threshold: float = 0.1
+    paf_threshold: float = 0.05
+    multi_scale_inference: bool = False
+    scales: List[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
+    # bpnet extensions
+    flip_test: bool = False  # also run the mirrored image and average maps
+    min_parts: int = 4  # people with fewer detected joints are dropped
+    min_person_score: float = 0.4
+
+    def check(self):
+        out = []
+        if len(self.input_shape) != 2 or min(self.input_shape) < 8:
+            out.append(("input_shape", f"must be [height, width] >= 8, got {self.input_shape}"))
+        if self.output_stage_to_use is not None and self.output_stage_to_use < 1:
+            out.append(("output_stage_to_use", "is 1-based (1 = first stage) or null for the last"))
+        if not self.scales or min(self.scales) <= 0:
+            out.append(("scales", "must be a non-empty list of positive factors"))
+        if not 0 <= self.heatmap_threshold < 1:
+            out.append(("heatmap_threshold", "must be in [0, 1)"))
+        if not -1 <= self.paf_threshold < 1:
+            out.append(("paf_threshold", "must be in [-1, 1)"))
+        if self.min_parts < 1:
+            out.append(("min_parts", "must be >= 1"))
+        return out
+
+
+def load_inference_spec(path) -> InferenceSpec:
+    return load_spec(InferenceSpec, path)
