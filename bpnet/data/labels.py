@@ -119,42 +119,70 @@ def render_pafs(joints: np.ndarray, skeleton, grid_hw, stride: int = 8,
     ux, uy = (bx - ax) / L, (by - ay) / L
     thr = float(paf_thresh) * stride
     half = (stride - 1) / 2.0
-    # Bounding box of the limb grown by the threshold, in cells, clipped to the grid.
-    cx0 = np.clip(np.ceil((np.minimum(ax, bx) - thr - half) / stride), 0, w).astype(np.int64)
-    cx1 = np.clip(np.floor((np.maximum(ax, bx) + thr - half) / stride) + 1, 0, w).astype(np.int64)
+    # Rows of cells the limb's band can touch (its box grown by the threshold).
     cy0 = np.clip(np.ceil((np.minimum(ay, by) - thr - half) / stride), 0, h).astype(np.int64)
     cy1 = np.clip(np.floor((np.maximum(ay, by) + thr - half) / stride) + 1, 0, h).astype(np.int64)
-    bw = np.maximum(cx1 - cx0, 0)
-    bh = np.maximum(cy1 - cy0, 0)
-    n = bw * bh
-    total = int(n.sum())
+    nrows = np.maximum(cy1 - cy0, 0)
+    total = int(nrows.sum())
     if total == 0:
         return paf
-    # Ragged enumeration of every candidate cell of every limb box at once.
-    limb = np.repeat(np.arange(n.size), n)
-    start = np.cumsum(n) - n
-    local = np.arange(total, dtype=np.int64) - start[limb]
-    bw_r = bw[limb]
-    gx = cx0[limb] + local % bw_r
-    gy = cy0[limb] + local // bw_r
-    px = gx * stride + half - ax[limb]
-    py = gy * stride + half - ay[limb]
-    ul_x, ul_y = ux[limb], uy[limb]
-    along = px * ul_x + py * ul_y
-    across = np.abs(px * ul_y - py * ul_x)
-    on = (along >= 0) & (along <= L[limb]) & (across <= thr)
-    limb, gx, gy = limb[on], gx[on], gy[on]
+    # Ragged enumeration of every (limb, row) pair at once.
+    limb = np.repeat(np.arange(nrows.size), nrows)
+    local = np.arange(total, dtype=np.int64) - (np.cumsum(nrows) - nrows)[limb]
+    gy = cy0[limb] + local
+    py = gy * stride + half - ay[limb]  # row centre relative to the limb start
+    rx, ry, rl = ux[limb], uy[limb], L[limb]
+    # On a row, both conditions (0 <= along <= L, |across| <= thr) are linear
+    # in the column offset px, so each is an interval of px: intersect them
+    # and the cells are exactly the columns inside, no per-cell test needed.
+    tol = 1e-6 * stride
+    lo, hi = _interval(rx, -py * ry, rl, tol)  # along = px*ux + py*uy
+    lo2, hi2 = _interval(ry, py * rx - thr, 2 * thr, tol)  # across = px*uy - py*ux
+    lo, hi = np.maximum(lo, lo2), np.minimum(hi, hi2)
+    ax_r = ax[limb] - half
+    c0 = np.clip(np.ceil((lo + ax_r) / stride), 0, w).astype(np.int64)
+    c1 = np.clip(np.floor((hi + ax_r) / stride) + 1, 0, w).astype(np.int64)
+    ncols = np.maximum(c1 - c0, 0)
+    total = int(ncols.sum())
+    if total == 0:
+        return paf
+    row = np.repeat(np.arange(ncols.size), ncols)
+    gx = c0[row] + (np.arange(total, dtype=np.int64) - (np.cumsum(ncols) - ncols)[row])
+    gy = gy[row]
+    limb = limb[row]
     flat = (gy * w + gx) * E + sel_e[limb]
     size = h * w * E
     count = np.bincount(flat, minlength=size)
-    sx = np.bincount(flat, weights=ux[limb], minlength=size)
-    sy = np.bincount(flat, weights=uy[limb], minlength=size)
+    sx = np.bincount(flat, weights=ux[limb], minlength=size).astype(np.float64, copy=False)
+    sy = np.bincount(flat, weights=uy[limb], minlength=size).astype(np.float64, copy=False)
     nz = count > 0
     sx[nz] /= count[nz]
     sy[nz] /= count[nz]
     paf[..., 0::2] = sx.reshape(h, w, E)
     paf[..., 1::2] = sy.reshape(h, w, E)
     return paf
+
+
+def _interval(slope, offset, width, tol):
+    """Per row, the interval of px with offset <= slope*px <= offset + width.
+
+    The bounds are widened by tol so that cells lying exactly on the
+    boundary stay inside despite rounding. Where slope is 0 the condition
+    does not depend on px: all of the row or none of it.
+    """
+    offset = offset - tol
+    width = np.broadcast_to(width + 2 * tol, offset.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = offset / slope
+        q = (offset + width) / slope
+    lo = np.minimum(p, q)
+    hi = np.maximum(p, q)
+    flat = slope == 0
+    if flat.any():
+        inside = (offset[flat] <= 0) & (offset[flat] + width[flat] >= 0)
+        lo[flat] = np.where(inside, -np.inf, np.inf)
+        hi[flat] = np.where(inside, np.inf, -np.inf)
+    return lo, hi
 
 
 def render_labels(joints, pose, image_hw, stride: int = 8, sigma: float = 7.0,
