@@ -236,12 +236,13 @@ def _draw_figure(img: np.ndarray, fig) -> None:
 
 
 def _raster(polys: Sequence[np.ndarray], h: int, w: int) -> np.ndarray:
-    import cv2
-    m = np.zeros((h, w), np.uint8)
-    for p in polys:
-        if len(p) >= 3:
-            cv2.fillPoly(m, [_pts(p)], 1, cv2.LINE_8, _SHIFT)
-    return m.astype(bool)
+    """Rasterize polygons exactly as pycocotools does, so areas and masks agree with COCO tools."""
+    from pycocotools import mask as mask_utils
+    flat = [_r(np.asarray(p).reshape(-1)) for p in polys if len(p) >= 3]
+    if not flat:
+        return np.zeros((h, w), bool)
+    rle = mask_utils.merge(mask_utils.frPyObjects(flat, h, w))
+    return mask_utils.decode(rle).astype(bool)
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -314,7 +315,7 @@ def _make_image(rng: np.random.Generator, h: int, w: int, image_id: int, next_an
             ys, xs = np.nonzero(cm)
             hull = cv2.convexHull(np.stack([xs, ys], 1).astype(np.float32))[:, 0]
             seg = [_r(hull.reshape(-1))]
-            cm = _raster([hull.astype(np.float64)], h, w) | cm
+            cm = _raster([hull.astype(np.float64)], h, w)
         anns.append({"segmentation": seg, "num_keypoints": 0, "area": float(cm.sum()),
                      "iscrowd": 1, "keypoints": [0] * 51, "bbox": _bbox(cm), "category_id": 1})
 
