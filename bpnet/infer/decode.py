@@ -1,0 +1,268 @@
+"""From heatmaps and Part Affinity Fields to people (bottom-up grouping).
+
+Plain NumPy, no TensorFlow or ONNX Runtime. The inner loops (peak search,
+limb scoring, grouping) live in ``_decode_kernels.py`` and are compiled by
+numba when it is installed (cached on disk, so only the very first run pays
+a few seconds of compilation); without numba the same kernels run as
+Python/NumPy and give the same people, only slower. Set BPNET_NO_NUMBA=1 to
+force the slow path.
+
+Algorithm, on maps at stride s (cell i is centred on input pixel
+``i*s + (s-1)/2``):
+
+1. Peaks: a cell above ``heatmap_threshold`` that is a local maximum of its
+   3x3 neighbourhood; exact ties are broken in raster order so a flat top
+   gives one peak. Its position is refined to a fraction of a cell by
+   fitting a parabola to the log of the values on each axis through the
+   peak (exact for a gaussian blob), so the whole maps never need to be
+   upsampled.
+2. Limbs: every pair of peaks of a limb's two joints is scored by the line
+   integral of that limb's PAF along the segment (bilinear samples, one
+   per cell of length or so); kept when ``min_pass_fraction`` of the
+   samples exceed ``paf_threshold`` and the mean is positive.
+3. People: all kept limbs of all types in one global order of decreasing
+   score; a limb is accepted when neither end already has a limb of that
+   type and merging the two ends' people repeats no joint. Peaks left
+   alone form one-joint people.
+4. Scores and filtering: a person's score is the mean of its joint and
+   limb scores, weighted by how complete it is (see ``_person_scores``);
+   people with at least ``min_parts`` joints are kept when their mean
+   confidence reaches ``min_person_score``, smaller ones only when it
+   reaches ``small_person_score``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import numpy as np
+
+from . import _decode_kernels as K
+
+_REFINE = {"none": K.REFINE_NONE, "quadratic": K.REFINE_QUADRATIC,
+           "gaussian": K.REFINE_GAUSSIAN}
+
+DEFAULTS = dict(
+    refine="gaussian",
+    min_pass_fraction=0.8,
+    min_samples=4,
+    max_samples=20,
+    max_limb_length=None,
+    length_weight=1e-6,
+    min_parts=3,
+    min_person_score=0.4,
+    small_person_score=0.8,
+    completeness=3.0,
+    merge_max_hops=2,
+    merge_ratio=1.0,
+)
+
+
+@dataclasses.dataclass
+class People:
+    """Decoded people. keypoints [N, J, 3] (x, y, score) in input pixels,
+    missing joints all 0; scores [N] person scores (higher = surer); boxes
+    [N, 4] (x0, y0, x1, y1) around the detected joints."""
+
+    keypoints: np.ndarray
+    scores: np.ndarray
+    boxes: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    @staticmethod
+    def empty(num_joints: int) -> "People":
+        return People(np.zeros((0, num_joints, 3), np.float32), np.zeros((0,), np.float32),
+                      np.zeros((0, 4), np.float32))
+
+    def present(self) -> np.ndarray:
+        """[N, J] bool: which joints were detected."""
+        return self.keypoints[:, :, 2] > 0
+
+    def transformed(self, scale_x: float, scale_y: float, offset_x: float = 0.0,
+                    offset_y: float = 0.0) -> "People":
+        """Map coordinates by x' = x*scale_x + offset_x (missing joints stay 0)."""
+        kp = self.keypoints.copy()
+        m = self.present()
+        kp[..., 0] = np.where(m, kp[..., 0] * scale_x + offset_x, 0)
+        kp[..., 1] = np.where(m, kp[..., 1] * scale_y + offset_y, 0)
+        return People(kp, self.scores.copy(), _boxes(kp))
+
+    def __getitem__(self, idx) -> "People":
+        return People(self.keypoints[idx], self.scores[idx], self.boxes[idx])
+
+
+def _boxes(kp: np.ndarray) -> np.ndarray:
+    if kp.shape[0] == 0:
+        return np.zeros((0, 4), np.float32)
+    m = kp[:, :, 2] > 0
+    big = np.float32(np.inf)
+    x0 = np.where(m, kp[..., 0], big).min(1)
+    y0 = np.where(m, kp[..., 1], big).min(1)
+    x1 = np.where(m, kp[..., 0], -big).max(1)
+    y1 = np.where(m, kp[..., 1], -big).max(1)
+    out = np.stack([x0, y0, x1, y1], 1).astype(np.float32)
+    out[~m.any(1)] = 0
+    return out
+
+
+_kernels = None
+
+
+def _use_numba_default() -> bool:
+    return os.environ.get("BPNET_NO_NUMBA", "").strip() not in ("1", "true", "yes")
+
+
+def _get_kernels(use_numba: Optional[bool]):
+    """(find_peaks, group_people): numba-compiled when asked and available."""
+    global _kernels
+    if use_numba is None:
+        use_numba = _use_numba_default()
+    if not use_numba:
+        return K.find_peaks_numpy, K.group_people, K.merge_fragments
+    if _kernels is None:
+        try:
+            import numba
+        except ImportError:
+            _kernels = (K.find_peaks_numpy, K.group_people, K.merge_fragments)
+        else:
+            jit = numba.njit(cache=True, nogil=True)
+            _kernels = (jit(K.find_peaks_loop), jit(K.group_people), jit(K.merge_fragments))
+    return _kernels
+
+
+def numba_available() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _person_scores(joint_sum, njoint, limb_sum, nlimb, num_joints, completeness):
+    """Ranking score: mean confidence times a saturating completeness term.
+
+    The mean of joint and limb scores says how sure each part is; the factor
+    1 - exp(-n / completeness) (n detected joints) keeps a lone strong peak
+    below a whole body, so that when a person is split in two its fragment
+    ranks under real people, while small people (COCO has many with 1-4
+    labeled joints) are still reported.
+    """
+    mean = (joint_sum + limb_sum) / np.maximum(njoint + nlimb, 1)
+    return mean, mean * (1.0 - np.exp(-njoint / completeness))
+
+
+def decode(heatmaps, pafs, pose, stride: float = 8, heatmap_threshold: float = 0.1,
+           paf_threshold: float = 0.05, *, use_numba: Optional[bool] = None,
+           **params) -> People:
+    """Decode one image's maps into people.
+
+    heatmaps: [h, w, J] or [h, w, J+1] (a last background channel is
+    ignored); pafs: [h, w, 2E] (x then y per limb of pose.skeleton); pose: a
+    PoseConfig; stride: input pixels per map cell (8 for the network's own
+    maps, 8/f for maps upsampled by f). Other parameters, see DEFAULTS:
+    refine ("gaussian", "quadratic", "none"), min_pass_fraction,
+    min_samples, max_samples, max_limb_length (cells; None = the map's
+    larger side), length_weight, min_parts, min_person_score,
+    small_person_score, completeness.
+    """
+    unknown = set(params) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"decode() got unknown parameters {sorted(unknown)}; "
+                        f"known: {sorted(DEFAULTS)}")
+    p = dict(DEFAULTS)
+    p.update(params)
+    J, E = pose.num_joints, pose.num_edges
+    heatmaps = np.asarray(heatmaps)
+    pafs = np.asarray(pafs)
+    if heatmaps.ndim != 3 or heatmaps.shape[2] not in (J, J + 1):
+        raise ValueError(f"heatmaps must be [h, w, {J}] or [h, w, {J + 1}] for pose config "
+                         f"{pose.name!r}, got {heatmaps.shape}")
+    if pafs.ndim != 3 or pafs.shape[2] != 2 * E or pafs.shape[:2] != heatmaps.shape[:2]:
+        raise ValueError(f"pafs must be [{heatmaps.shape[0]}, {heatmaps.shape[1]}, {2 * E}] "
+                         f"for pose config {pose.name!r}, got {pafs.shape}")
+    if p["refine"] not in _REFINE:
+        raise ValueError(f"refine must be one of {sorted(_REFINE)}, got {p['refine']!r}")
+    heatmaps = np.ascontiguousarray(heatmaps, dtype=np.float32)
+    pafs = np.ascontiguousarray(pafs, dtype=np.float32)
+    find_peaks, group, merge = _get_kernels(use_numba)
+
+    h, w = heatmaps.shape[:2]
+    if h == 0 or w == 0:
+        return People.empty(J)
+    thr = max(float(heatmap_threshold), 0.0)
+    px, py, pv, pj, start = find_peaks(heatmaps, J, thr, _REFINE[p["refine"]])
+    if px.shape[0] == 0:
+        return People.empty(J)
+    skel = _skeleton_array(pose)
+    max_len = p["max_limb_length"]
+    max_len = float(max(h, w) if max_len is None else max_len)
+    slots, lsum, lcnt = group(px, py, pj, start, pafs, skel, float(paf_threshold),
+                              float(p["min_pass_fraction"]), int(p["min_samples"]),
+                              int(p["max_samples"]), max_len, float(p["length_weight"]))
+    if p["merge_ratio"] > 0 and slots.shape[0] > 1:
+        alive = merge(slots, lsum, lcnt, px, py, skel, _hops(pose), int(p["merge_max_hops"]),
+                      float(p["merge_ratio"]))
+        slots, lsum, lcnt = slots[alive], lsum[alive], lcnt[alive]
+    has = slots >= 0
+    idx = np.where(has, slots, 0)
+    jv = np.where(has, pv[idx], 0.0)
+    nj = has.sum(1)
+    mean, rank = _person_scores(jv.sum(1), nj, lsum, lcnt, J, float(p["completeness"]))
+    keep = np.where(nj >= p["min_parts"], mean >= p["min_person_score"],
+                    mean >= p["small_person_score"])
+    if not keep.any():
+        return People.empty(J)
+    has, idx, jv, rank = has[keep], idx[keep], jv[keep], rank[keep]
+    half = (stride - 1) / 2.0
+    kp = np.zeros(has.shape + (3,), np.float32)
+    kp[..., 0] = np.where(has, px[idx] * stride + half, 0.0)
+    kp[..., 1] = np.where(has, py[idx] * stride + half, 0.0)
+    kp[..., 2] = jv
+    order = np.argsort(-rank, kind="stable")
+    kp = kp[order]
+    return People(kp, rank[order].astype(np.float32), _boxes(kp))
+
+
+_skel_cache: dict = {}
+
+
+def _skeleton_array(pose) -> np.ndarray:
+    key = pose.skeleton
+    arr = _skel_cache.get(key)
+    if arr is None:
+        arr = np.asarray(pose.skeleton, dtype=np.int64).reshape(-1, 2)
+        _skel_cache[key] = arr
+    return arr
+
+
+_hops_cache: dict = {}
+
+
+def _hops(pose) -> np.ndarray:
+    """[J, J] number of limbs between two joints in the skeleton (-1: unlinked)."""
+    key = (pose.num_joints, pose.skeleton)
+    out = _hops_cache.get(key)
+    if out is None:
+        J = pose.num_joints
+        adj = [[] for _ in range(J)]
+        for a, b in pose.skeleton:
+            adj[a].append(b)
+            adj[b].append(a)
+        out = np.full((J, J), -1, np.int64)
+        for s in range(J):
+            out[s, s] = 0
+            frontier = [s]
+            while frontier:
+                nxt = []
+                for u in frontier:
+                    for v in adj[u]:
+                        if out[s, v] < 0:
+                            out[s, v] = out[s, u] + 1
+                            nxt.append(v)
+                frontier = nxt
+        _hops_cache[key] = out
+    return out
