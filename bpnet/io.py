@@ -11,6 +11,15 @@ from pathlib import Path
 from typing import Optional
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # once, at import: os.umask is process-wide and racy in threads
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside ``path``; rename it over ``path`` on success.
@@ -24,6 +33,8 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield Path(tmp)
+        if os.path.isfile(tmp):  # mkstemp makes 0600; give files the usual permissions
+            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
