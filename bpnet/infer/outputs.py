@@ -1,0 +1,88 @@
+"""Detection file formats: TAO's detections.json and COCO keypoint results.
+
+detections.json (TAO's layout, bpnet's extra keys marked +):
+
+    {"pose_config_type": NAME, "categories": [COCO category of the pose
+     config], "inference_spec": {...}, "images": [
+       {"full_image_path": PATH, "keypoints": [[[x, y] * J] per person],
+        "scores": [person score], +"joint_scores": [[s] * J per person],
+        +"boxes": [[x0, y0, x1, y1] per person], +"image_id", +"height", +"width",
+        (+"frame", +"track_ids" for video)}],
+     +"skipped": [{"path", "reason"}]}
+
+Coordinates are original-image pixels; a missing joint is [0, 0] with score 0.
+
+detections_coco_format.json: the COCO results list that pycocotools'
+``loadRes`` reads: {"image_id", "category_id": 1, "keypoints": [x, y, s] * K,
+"score", "bbox": [x, y, w, h]}; K is the model's joints, or the dataset's
+keypoints when a KeypointMapping is given (evaluation drops synthetic joints
+such as the neck that way).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import numpy as np
+
+
+def _r(v, nd=2):
+    return round(float(v), nd)
+
+
+def coco_category(pose) -> dict:
+    return {"supercategory": "person", "id": 1, "name": "person",
+            "keypoints": list(pose.keypoints),
+            "skeleton": [[a + 1, b + 1] for a, b in pose.skeleton]}
+
+
+def image_entry(path: str, people, image_id=None, hw=None, **extra) -> dict:
+    kp = np.asarray(people.keypoints, dtype=np.float64)
+    entry = {
+        "full_image_path": str(path),
+        "keypoints": [[[_r(x), _r(y)] for x, y in person[:, :2]] for person in kp],
+        "scores": [_r(s, 4) for s in people.scores],
+        "joint_scores": [[_r(s, 4) for s in person[:, 2]] for person in kp],
+        "boxes": [[_r(v) for v in b] for b in people.boxes],
+    }
+    if image_id is not None:
+        entry["image_id"] = image_id
+    if hw is not None:
+        entry["height"], entry["width"] = int(hw[0]), int(hw[1])
+    entry.update(extra)
+    return entry
+
+
+def detections_doc(pose, inference_spec: dict, images: List[dict], skipped=None) -> dict:
+    doc = {"pose_config_type": pose.name, "categories": [coco_category(pose)],
+           "inference_spec": inference_spec, "images": images}
+    if skipped is not None:
+        doc["skipped"] = skipped
+    return doc
+
+
+def coco_results(people, image_id, mapping=None, category_id: int = 1) -> List[dict]:
+    """People of one image -> COCO keypoint result dicts.
+
+    mapping: a bpnet.pose.KeypointMapping to express the joints as the
+    dataset's keypoints (None: the model's joints as they are).
+    """
+    kp = np.asarray(people.keypoints, dtype=np.float64)
+    if mapping is not None:
+        kp = mapping.model_to_dataset(kp[..., :2], kp[..., 2])
+    out = []
+    for n in range(kp.shape[0]):
+        k = kp[n]
+        present = k[:, 2] > 0
+        if present.any():
+            x0, y0 = k[present, 0].min(), k[present, 1].min()
+            x1, y1 = k[present, 0].max(), k[present, 1].max()
+        else:
+            x0 = y0 = x1 = y1 = 0.0
+        flat = []
+        for j in range(k.shape[0]):
+            flat += [_r(k[j, 0]), _r(k[j, 1]), _r(k[j, 2], 4)] if present[j] else [0, 0, 0]
+        out.append({"image_id": image_id, "category_id": category_id, "keypoints": flat,
+                    "score": _r(people.scores[n], 5),
+                    "bbox": [_r(x0), _r(y0), _r(x1 - x0), _r(y1 - y0)]})
+    return out
