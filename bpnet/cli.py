@@ -179,5 +179,37 @@ def evaluate_cmd(inference_spec, model_filename, dataset_spec, key, results_dir,
     run_task("evaluate", results_dir, log_level, body)
 
 
+@main.command("inference")
+@click.option("-i", "--inference_spec", required=True, type=click.Path(),
+              help="Inference spec (YAML/JSON), e.g. specs/infer_spec.yaml.")
+@click.option("-m", "--model_filename", default=None, type=click.Path(),
+              help="Model file (Keras or ONNX); overrides the spec's model_path.")
+@click.option("--input_type", type=click.Choice(["image", "dir", "json", "video"]), required=True,
+              help="image: one file; dir: a folder of images; json: a list of paths or COCO-style "
+                   "images[].file_name; video: a video file or a webcam index (e.g. 0).")
+@click.option("--input", "input_path", required=True, help="The image, folder, JSON file, video or webcam index.")
+@click.option("--image_root_path", default=None, type=click.Path(),
+              help="Folder the paths of a json input are relative to.")
+@click.option("-k", "--key", default=None, help="Key of an encrypted model.")
+@click.option("--dump_visualizations", is_flag=True,
+              help="Write annotated images (and, for video, an annotated video) under images_annotated/.")
+@click.option("--batch_size", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Pictures per network call (same-size inputs are batched).")
+@click.option("--max_frames", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Video: stop after this many frames (0: all; a webcam runs until Ctrl-C).")
+@common_options(default_results="results/inference")
+def inference_cmd(inference_spec, model_filename, input_type, input_path, image_root_path, key,
+                  dump_visualizations, batch_size, max_frames, results_dir, log_level):
+    """Find people in images, a folder, a list, a video or a webcam."""
+    def body(status):
+        from .inference import run_inference
+        return run_inference(inference_spec, model_filename, input_type, input_path, results_dir,
+                             image_root_path=image_root_path, key=key,
+                             dump_visualizations=dump_visualizations, batch_size=batch_size,
+                             max_frames=max_frames, status=status,
+                             progress=sys.stderr.isatty())
+    run_task("inference", results_dir, log_level, body)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
