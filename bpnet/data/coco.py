@@ -1,0 +1,287 @@
+"""Reading COCO-format keypoint files and choosing the main persons of each image.
+
+The rules (REFERENCE section 4, TAO's data_filtering_params):
+
+* a person is a non-crowd annotation of the dataset's category; a *labeled*
+  person has at least one labeled keypoint (after the visibility mapping);
+  persons without keypoints never enter the joints (the loss mask hides them);
+* a main person has at least ``min_acceptable_kpts`` labeled keypoints, an
+  annotation ``area`` of at least ``min_acceptable_width *
+  min_acceptable_height`` (the product, compared with the segmentation area
+  as TAO does), and a bbox centre at least
+  ``min_acceptable_interperson_dist_ratio * max(w, h)`` away from the centre
+  of every main person chosen before it (w, h: that earlier person's box);
+  candidates are taken in annotation order;
+* with ``duplicate_data_with_each_person_as_center`` each main person gives
+  one sample with that person first, else each image with a main person
+  gives one sample (its first main person first).
+
+Everything here is plain Python/NumPy; problems with the file are collected
+and raised as one BpnetError naming the file and the first offenders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..errors import BpnetError
+from ..pose import KeypointMapping
+
+MAX_LISTED = 5  # problems quoted in one error message
+
+
+@dataclasses.dataclass
+class Person:
+    ann_id: int
+    joints: np.ndarray  # [J, 3] model joints, canonical visibility
+    num_labeled: int  # labeled dataset keypoints
+    area: float
+    bbox: np.ndarray  # x, y, w, h
+
+    @property
+    def center(self) -> np.ndarray:
+        return np.array([self.bbox[0] + self.bbox[2] / 2, self.bbox[1] + self.bbox[3] / 2])
+
+    @property
+    def scale(self) -> float:
+        return float(self.bbox[3])
+
+
+@dataclasses.dataclass
+class ImageEntry:
+    id: int
+    file_name: str
+    height: int
+    width: int
+    persons: List[Person]  # labeled persons, annotation order
+    crowd_segs: list  # segmentations of crowd regions
+    unlabeled_segs: list  # segmentations of persons without keypoints
+    labeled_segs: list  # segmentations of labeled persons
+
+    @property
+    def needs_mask(self) -> bool:
+        return bool(self.crowd_segs or self.unlabeled_segs)
+
+
+@dataclasses.dataclass
+class Sample:
+    image: ImageEntry
+    order: List[int]  # indices into image.persons, main person first
+
+
+class _Problems:
+    def __init__(self, source: str):
+        self.source = source
+        self.items: List[str] = []
+        self.count = 0
+
+    def add(self, msg: str):
+        self.count += 1
+        if len(self.items) < MAX_LISTED:
+            self.items.append(msg)
+
+    def raise_if_any(self, what: str):
+        if self.count:
+            more = f" (and {self.count - len(self.items)} more)" if self.count > len(self.items) else ""
+            raise BpnetError(f"{self.source}: {self.count} {what}: " + "; ".join(self.items) + more)
+
+
+def read_annotation_file(path) -> dict:
+    """Load a COCO annotation JSON with clear errors for missing or broken files."""
+    path = Path(path)
+    if not path.exists():
+        raise BpnetError(f"annotation file not found: {path} (check root_directory_path and "
+                         "annotation_root_dir_path in the dataset spec)")
+    if path.is_dir():
+        raise BpnetError(f"annotation path {path} is a folder; it must name a COCO JSON file")
+    try:
+        with open(path, "rb") as f:
+            doc = json.load(f)
+    except UnicodeDecodeError as e:
+        raise BpnetError(f"annotation file {path} is not JSON text ({e.reason})") from e
+    except json.JSONDecodeError as e:
+        raise BpnetError(f"annotation file {path} is not valid JSON: {e.msg} at line {e.lineno} "
+                         f"column {e.colno}") from e
+    except OSError as e:
+        raise BpnetError(f"cannot read annotation file {path}: {e.strerror or e}") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) \
+            or not isinstance(doc.get("annotations"), list):
+        raise BpnetError(f"annotation file {path} is not COCO-shaped: expected a JSON object with "
+                         "'images' and 'annotations' lists")
+    return doc
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_segmentation(seg, h: int, w: int) -> Optional[str]:
+    if isinstance(seg, list):
+        for poly in seg:
+            if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2 \
+                    or not all(_is_num(v) for v in poly):
+                return "polygon segmentation must be lists of >= 3 x,y number pairs"
+            if not all(math.isfinite(v) for v in poly):
+                return "polygon segmentation has NaN or infinite coordinates"
+        return None
+    if isinstance(seg, dict):
+        size, counts = seg.get("size"), seg.get("counts")
+        if not (isinstance(size, list) and len(size) == 2):
+            return "RLE segmentation needs 'size': [height, width]"
+        if [int(size[0]), int(size[1])] != [h, w]:
+            return f"RLE size {size} differs from the image size [{h}, {w}]"
+        if isinstance(counts, list):
+            if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != h * w:
+                return "uncompressed RLE counts must be non-negative and sum to height*width"
+        elif not isinstance(counts, str):
+            return "RLE 'counts' must be a list of ints or a compressed string"
+        return None
+    return "segmentation must be a list of polygons or an RLE object"
+
+
+def parse_coco(doc: dict, source: str, category, visibility: Dict[int, int],
+               mapping: KeypointMapping, check_segmentation: bool = True) -> List[ImageEntry]:
+    """Validate a COCO keypoint document and group its persons by image."""
+    num_kpts = len(category.keypoints)
+    probs = _Problems(source)
+    for cat in doc.get("categories") or []:
+        if isinstance(cat, dict) and cat.get("id") == category.id and isinstance(
+                cat.get("keypoints"), list) and cat["keypoints"] and \
+                list(cat["keypoints"]) != list(category.keypoints):
+            raise BpnetError(
+                f"{source}: category {category.id} lists keypoints {cat['keypoints']} but the dataset "
+                f"spec's categories[0].keypoints are {list(category.keypoints)}; they must match in "
+                "order")
+
+    images: Dict[int, ImageEntry] = {}
+    order: List[int] = []
+    for i, im in enumerate(doc["images"]):
+        if not isinstance(im, dict):
+            probs.add(f"images[{i}] is not an object")
+            continue
+        iid, fn, h, w = im.get("id"), im.get("file_name"), im.get("height"), im.get("width")
+        if not isinstance(iid, int) or isinstance(iid, bool):
+            probs.add(f"images[{i}] has no integer 'id'")
+        elif not isinstance(fn, str) or not fn:
+            probs.add(f"image id {iid} has no 'file_name'")
+        elif not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+            probs.add(f"image id {iid} needs positive integer 'height' and 'width', got {h!r}, {w!r}")
+        elif iid in images:
+            probs.add(f"image id {iid} appears twice")
+        else:
+            images[iid] = ImageEntry(iid, fn, h, w, [], [], [], [])
+            order.append(iid)
+    probs.raise_if_any("invalid image entries")
+
+    table = np.full(max(list(visibility) + [2]) + 1, -1, dtype=np.int64)
+    for k, v in visibility.items():
+        if k >= 0:
+            table[k] = v
+    for i, a in enumerate(doc["annotations"]):
+        if not isinstance(a, dict):
+            probs.add(f"annotations[{i}] is not an object")
+            continue
+        aid = a.get("id", f"#{i}")
+        where = f"annotation id {aid}"
+        if "category_id" in a and a["category_id"] != category.id:
+            continue
+        im = images.get(a.get("image_id"))
+        if im is None:
+            probs.add(f"{where}: image_id {a.get('image_id')!r} is not in 'images'")
+            continue
+        crowd = a.get("iscrowd", 0)
+        if crowd not in (0, 1, True, False):
+            probs.add(f"{where}: iscrowd must be 0 or 1, got {crowd!r}")
+            continue
+        bbox = a.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_num(v) for v in bbox)):
+            probs.add(f"{where}: bbox must be [x, y, width, height] numbers, got {bbox!r}")
+            continue
+        bb = np.asarray(bbox, dtype=np.float64)
+        if not np.all(np.isfinite(bb)) or bb[2] < 0 or bb[3] < 0:
+            probs.add(f"{where}: bbox {bbox} has NaN or negative values")
+            continue
+        seg = a.get("segmentation", [])
+        if check_segmentation:
+            err = _check_segmentation(seg, im.height, im.width)
+            if err:
+                probs.add(f"{where}: {err}")
+                continue
+        if crowd:
+            im.crowd_segs.append(seg)
+            continue
+        kp = a.get("keypoints")
+        if kp is None:
+            kp = [0] * (3 * num_kpts)
+        if not isinstance(kp, list) or len(kp) != 3 * num_kpts:
+            n = len(kp) if isinstance(kp, list) else type(kp).__name__
+            probs.add(f"{where}: keypoints has {n} values, expected {3 * num_kpts} "
+                      f"({num_kpts} keypoints x 3)")
+            continue
+        if not all(_is_num(v) for v in kp):
+            probs.add(f"{where}: keypoints must be numbers")
+            continue
+        arr = np.asarray(kp, dtype=np.float64).reshape(num_kpts, 3)
+        if not np.all(np.isfinite(arr)):
+            probs.add(f"{where}: keypoints contain NaN or infinite values")
+            continue
+        if np.any(arr[:, :2] < 0):
+            probs.add(f"{where}: keypoints have negative coordinates")
+            continue
+        vis = arr[:, 2]
+        if np.any(vis != np.round(vis)) or np.any(vis < 0) or np.any(vis >= len(table)) \
+                or np.any(table[np.clip(vis.astype(np.int64), 0, len(table) - 1)] < 0):
+            probs.add(f"{where}: visibility values {sorted(set(vis.tolist()))} are not all in the "
+                      f"dataset spec's visibility_flags {sorted(visibility)}")
+            continue
+        arr[:, 2] = table[vis.astype(np.int64)]
+        labeled = int((arr[:, 2] > 0).sum())
+        area = a.get("area")
+        if area is None:
+            area = float(bb[2] * bb[3])
+        elif not _is_num(area) or not math.isfinite(area) or area < 0:
+            probs.add(f"{where}: area must be a non-negative number, got {area!r}")
+            continue
+        if labeled == 0:
+            im.unlabeled_segs.append(seg)
+            continue
+        joints = mapping.dataset_to_model(arr[None].astype(np.float32))[0]
+        im.persons.append(Person(aid, joints, labeled, float(area), bb))
+        im.labeled_segs.append(seg)
+    probs.raise_if_any("invalid annotations")
+    return [images[i] for i in order]
+
+
+def select_main_persons(persons: Sequence[Person], params) -> List[int]:
+    """Indices of the main persons of one image (see the module docstring)."""
+    min_area = params.min_acceptable_width * params.min_acceptable_height
+    chosen: List[int] = []
+    taken: List[tuple] = []  # (centre, max side) of chosen persons
+    for i, p in enumerate(persons):
+        if p.num_labeled < params.min_acceptable_kpts or p.area < min_area:
+            continue
+        c = p.center
+        if any(np.hypot(*(c - tc)) < params.min_acceptable_interperson_dist_ratio * ts
+               for tc, ts in taken):
+            continue
+        chosen.append(i)
+        taken.append((c, max(p.bbox[2], p.bbox[3])))
+    return chosen
+
+
+def make_samples(images: Sequence[ImageEntry], params, duplicate: bool) -> List[Sample]:
+    out: List[Sample] = []
+    for im in images:
+        mains = select_main_persons(im.persons, params)
+        if not mains:
+            continue
+        heads = mains if duplicate else mains[:1]
+        for m in heads:
+            out.append(Sample(im, [m] + [k for k in range(len(im.persons)) if k != m]))
+    return out

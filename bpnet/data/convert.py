@@ -1,0 +1,301 @@
+"""``bpnet dataset_convert``: COCO keypoints -> TFRecords (+ loss masks).
+
+Flow: read and validate the whole annotation file, pick the main persons
+and build the sample list (main process, cheap); check the images
+(existence always, decoding with --check_files, in worker processes); only
+then write anything. Workers render masks and serialize and frame records
+(no TensorFlow anywhere); the main process streams them into TFRecord files
+under temporary names and renames them at the end, so a failed or interrupted run leaves no
+complete-looking output. A re-run overwrites the records of the same prefix
+(stale partitions/shards of an earlier layout are removed) and the masks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import BpnetError
+from . import records as R
+
+log = logging.getLogger("bpnet.dataset_convert")
+
+
+# ------------------------------------------------------------------ worker side
+
+def _worker_init():
+    try:
+        import cv2
+        cv2.setNumThreads(1)  # one process per core already
+    except Exception:  # pragma: no cover
+        pass
+
+
+def _check_image(job) -> Optional[str]:
+    """'path: problem' for an image that is missing, unreadable or not the annotated size."""
+    path, height, width, decode = job
+    if not os.path.isfile(path):
+        return f"{path}: missing"
+    if not decode:
+        return None
+    import cv2
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return f"{path}: unreadable ({e.strerror})"
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        return f"{path}: not a decodable image"
+    # libjpeg decodes a truncated JPEG with a grey bottom and only a warning.
+    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:]:
+        return f"{path}: truncated JPEG (no end-of-image marker)"
+    if img.shape[:2] != (height, width):
+        return f"{path}: size {img.shape[1]}x{img.shape[0]} differs from the annotated {width}x{height}"
+    return None
+
+
+def _convert_image(job) -> Tuple[bytes, int, Optional[str]]:
+    """Frame one image's records and write its mask: (TFRecord bytes, count, mask written)."""
+    (meta, joints, scales, centers, orders, mask_job) = job
+    mask_written = None
+    if mask_job is not None:
+        from ..io import write_bytes_atomic
+        from .masks import encode_mask_png, loss_mask
+        mask_abs, crowd, unlabeled, labeled = mask_job
+        m = loss_mask(meta["height"], meta["width"], crowd, unlabeled, labeled)
+        write_bytes_atomic(mask_abs, encode_mask_png(m))
+        mask_written = mask_abs
+    out = []
+    for order in orders:
+        rec = dict(meta)
+        rec["joints"] = joints[order]
+        rec["scales"] = scales[order]
+        rec["centers"] = centers[order]
+        out.append(R.frame_record(R.serialize_record(rec)))
+    return b"".join(out), len(out), mask_written
+
+
+# ------------------------------------------------------------------ helpers
+
+def _map(fn, jobs: Sequence, workers: int, desc: str, status, unit="img"):
+    """Ordered map over jobs with worker processes, a progress bar and status updates."""
+    from tqdm import tqdm
+    total = len(jobs)
+    bar = tqdm(total=total, desc=desc, unit=unit, disable=None, file=sys.stderr, dynamic_ncols=True)
+    try:
+        if workers <= 1 or total < 2:
+            _worker_init()
+            for i, job in enumerate(jobs):
+                yield fn(job)
+                bar.update(1)
+                if status is not None:
+                    status.progress(i + 1, total, desc)
+        else:
+            # spawn, not fork: the caller may already hold TensorFlow's threads.
+            ctx = mp.get_context("spawn")
+            chunk = max(1, min(64, total // (workers * 8)))
+            with ctx.Pool(workers, initializer=_worker_init) as pool:
+                for i, res in enumerate(pool.imap(fn, jobs, chunksize=chunk)):
+                    yield res
+                    bar.update(1)
+                    if status is not None:
+                        status.progress(i + 1, total, desc)
+    finally:
+        bar.close()
+
+
+def _probe_writable(folder: Path, what: str):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".bpnet-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise BpnetError(f"{what} {folder} is not writable: {e.strerror or e}") from e
+
+
+def _relpath(path: Path, root: Path) -> str:
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def _stale_files(prefix: Path, keep: Sequence[str]) -> List[Path]:
+    keep = {os.path.abspath(k) for k in keep}
+    out = []
+    for f in prefix.parent.glob(prefix.name + "-fold-*"):
+        if R._FILE_RE.match(f.name[len(prefix.name):]) and os.path.abspath(f) not in keep:
+            out.append(f)
+    return out
+
+
+# ------------------------------------------------------------------ main entry
+
+def dataset_convert(dataset_spec_path, output_filename, mode: str = "train", num_partitions: int = 1,
+                    num_shards: int = 0, generate_masks: bool = False, check_files: bool = False,
+                    workers: int = 0, status=None) -> Dict[str, object]:
+    """Convert one split of a COCO-format dataset into TFRecords (and masks).
+
+    Returns a summary: records, images, masks, persons (labeled persons in
+    the converted images), main_persons, skipped_images and the files written.
+    """
+    from ..specs import load_dataset_spec
+    from .coco import make_samples, parse_coco, read_annotation_file
+
+    if mode not in ("train", "test"):
+        raise BpnetError(f"mode must be 'train' or 'test', got {mode!r}")
+    if num_partitions < 1 or num_shards < 0:
+        raise BpnetError("num_partitions must be >= 1 and num_shards >= 0")
+    workers = workers or (os.cpu_count() or 1)
+
+    spec = load_dataset_spec(dataset_spec_path)
+    pose = spec.pose_config()
+    category = spec.category
+    mapping = pose.dataset_mapping(category.keypoints)
+    images_dir, masks_dir, ann_path = spec.split_paths(mode)
+    root = Path(spec.root_directory_path)
+
+    prefix = Path(output_filename).expanduser().absolute()
+    if prefix.is_dir():
+        raise BpnetError(f"output_filename {output_filename} is a folder; give a file prefix such as "
+                         f"{Path(output_filename) / 'train'}")
+    _probe_writable(prefix.parent, "output folder")
+
+    doc = read_annotation_file(ann_path)
+    images = parse_coco(doc, str(ann_path), category, spec.visibility_flags.table(), mapping,
+                        check_segmentation=True)
+    del doc
+    samples = make_samples(images, spec.data_filtering_params,
+                           spec.duplicate_data_with_each_person_as_center)
+    if not samples:
+        fp = spec.data_filtering_params
+        raise BpnetError(
+            f"{ann_path}: no main person in {len(images)} images, so there is nothing to convert "
+            f"(data_filtering_params: min_acceptable_kpts {fp.min_acceptable_kpts}, "
+            f"area >= {fp.min_acceptable_width} x {fp.min_acceptable_height}); check the keypoints and "
+            "visibility_flags, or relax the filters")
+
+    # Group samples per image, keeping the annotation file's image order.
+    per_image: Dict[int, List] = {}
+    for s in samples:
+        per_image.setdefault(s.image.id, []).append(s.order)
+    conv_images = [im for im in images if im.id in per_image]
+
+    # Check images before writing anything: all problems reported at once.
+    checks = [(str(images_dir / im.file_name), im.height, im.width, check_files) for im in conv_images]
+    if check_files:
+        bad = [r for r in _map(_check_image, checks, workers, "checking images", status) if r]
+    else:
+        bad = [r for r in map(_check_image, checks) if r]
+    if bad:
+        listed = "; ".join(bad[:20]) + (f" (and {len(bad) - 20} more)" if len(bad) > 20 else "")
+        raise BpnetError(f"{len(bad)} of {len(checks)} images are bad: {listed}")
+
+    needs_mask = sum(1 for im in conv_images if im.needs_mask)
+    if generate_masks:
+        _probe_writable(masks_dir, "mask folder")
+    elif needs_mask:
+        log.warning("%d images have crowd regions or persons without keypoints; without "
+                    "--generate_masks their records carry no loss mask", needs_mask)
+
+    dataset_name = spec.dataset
+    jobs = []
+    for im in conv_images:
+        p = im.persons
+        joints = np.stack([x.joints for x in p]).astype(np.float32)
+        scales = np.array([x.scale for x in p], np.float32)
+        centers = np.stack([x.center for x in p]).astype(np.float32)
+        mask_job, mask_rel = None, ""
+        if generate_masks and im.needs_mask:
+            mask_abs = (masks_dir / im.file_name).with_suffix(".png")
+            mask_rel = _relpath(mask_abs, root)
+            mask_job = (str(mask_abs), im.crowd_segs, im.unlabeled_segs, im.labeled_segs)
+        meta = {"image_id": im.id, "height": im.height, "width": im.width,
+                "image_path": _relpath(images_dir / im.file_name, root), "mask_path": mask_rel,
+                "dataset": dataset_name, "pose_config": pose.name}
+        jobs.append((meta, joints, scales, centers, per_image[im.id], mask_job))
+
+    # Outputs: partition by image (an image's duplicates stay in one fold),
+    # then shard round-robin within the partition.
+    shards = max(num_shards, 1)
+    names = [[R.record_filename(str(prefix), p, num_partitions, s, num_shards) for s in range(shards)]
+             for p in range(num_partitions)]
+    fill = [0] * num_partitions
+    target = []
+    for i in range(len(jobs)):
+        p = i % num_partitions
+        target.append((p, fill[p] % shards))
+        fill[p] += 1
+
+    written_masks: List[str] = []
+    tmp_paths: Dict[Tuple[int, int], str] = {}
+    writers: Dict[Tuple[int, int], object] = {}
+    counts = np.zeros((num_partitions, shards), np.int64)
+    ok = False
+    try:
+        for p in range(num_partitions):
+            for s in range(shards):
+                fd, tmp = tempfile.mkstemp(prefix=f".{Path(names[p][s]).name}.", suffix=".tmp",
+                                           dir=prefix.parent)
+                os.close(fd)
+                tmp_paths[(p, s)] = tmp
+                writers[(p, s)] = open(tmp, "wb", buffering=1 << 20)
+        results = _map(_convert_image, jobs, workers, "converting", status)
+        for i, (data, n, mask) in enumerate(results):
+            if mask:
+                written_masks.append(mask)
+            key = target[i]
+            writers[key].write(data)
+            counts[key] += n
+        for w in writers.values():
+            w.close()
+        writers.clear()
+        from ..io import _UMASK
+        for (p, s), tmp in tmp_paths.items():
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.replace(tmp, names[p][s])
+        ok = True
+    finally:
+        for w in writers.values():
+            with contextlib.suppress(Exception):
+                w.close()
+        if not ok:
+            for tmp in tmp_paths.values():
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            # Masks of a failed run go too, so no output of it survives.
+            for m in written_masks:
+                with contextlib.suppress(OSError):
+                    os.unlink(m)
+
+    files = [n for row in names for n in row]
+    for stale in _stale_files(prefix, files):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+            log.info("removed stale record file %s", stale)
+
+    n_records = int(counts.sum())
+    summary = {
+        "records": n_records,
+        "images": len(conv_images),
+        "masks": len(written_masks),
+        "persons": int(sum(len(im.persons) for im in conv_images)),
+        "main_persons": int(sum(len(v) for v in per_image.values()))
+        if spec.duplicate_data_with_each_person_as_center else None,
+        "skipped_images": len(images) - len(conv_images),
+        "files": files,
+    }
+    if not spec.duplicate_data_with_each_person_as_center:
+        from .coco import select_main_persons
+        summary["main_persons"] = int(sum(len(select_main_persons(im.persons, spec.data_filtering_params))
+                                          for im in conv_images))
+    log.info("wrote %d records of %d images (%d masks) to %s", n_records, len(conv_images),
+             len(written_masks), ", ".join(files))
+    return summary
