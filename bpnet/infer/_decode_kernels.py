@@ -90,14 +90,14 @@ def find_peaks_loop(heat, num_joints, threshold, refine):
                 if axis == 0:
                     if x == 0 or x + 1 >= w:
                         continue
-                    a = heat[y, x - 1, j]
-                    c = heat[y, x + 1, j]
+                    a = float(heat[y, x - 1, j])
+                    c = float(heat[y, x + 1, j])
                 else:
                     if y == 0 or y + 1 >= h:
                         continue
-                    a = heat[y - 1, x, j]
-                    c = heat[y + 1, x, j]
-                b = v
+                    a = float(heat[y - 1, x, j])
+                    c = float(heat[y + 1, x, j])
+                b = float(v)
                 # A gaussian is a parabola in log space: exact for a lone peak.
                 # Fall back to a parabola on the values where a log is undefined.
                 if refine == REFINE_GAUSSIAN and a > 1e-6 and c > 1e-6:

@@ -39,6 +39,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import BpnetError
 from . import _decode_kernels as K
 
 _REFINE = {"none": K.REFINE_NONE, "quadratic": K.REFINE_QUADRATIC,
@@ -179,11 +180,13 @@ def decode(heatmaps, pafs, pose, stride: float = 8, heatmap_threshold: float = 0
     heatmaps = np.asarray(heatmaps)
     pafs = np.asarray(pafs)
     if heatmaps.ndim != 3 or heatmaps.shape[2] not in (J, J + 1):
-        raise ValueError(f"heatmaps must be [h, w, {J}] or [h, w, {J + 1}] for pose config "
-                         f"{pose.name!r}, got {heatmaps.shape}")
+        raise BpnetError(f"heatmaps must be [h, w, {J}] or [h, w, {J + 1}] for pose config "
+                         f"{pose.name!r}, got {heatmaps.shape}: the model and the pose config "
+                         "do not match")
     if pafs.ndim != 3 or pafs.shape[2] != 2 * E or pafs.shape[:2] != heatmaps.shape[:2]:
-        raise ValueError(f"pafs must be [{heatmaps.shape[0]}, {heatmaps.shape[1]}, {2 * E}] "
-                         f"for pose config {pose.name!r}, got {pafs.shape}")
+        raise BpnetError(f"pafs must be [{heatmaps.shape[0]}, {heatmaps.shape[1]}, {2 * E}] "
+                         f"for pose config {pose.name!r}, got {pafs.shape}: the model and the "
+                         "pose config do not match")
     if p["refine"] not in _REFINE:
         raise ValueError(f"refine must be one of {sorted(_REFINE)}, got {p['refine']!r}")
     heatmaps = np.ascontiguousarray(heatmaps, dtype=np.float32)
