@@ -1,0 +1,242 @@
+"""Spec files: every shipped spec loads; bad specs fail with file, key path and a hint."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bpnet.errors import BpnetError
+from bpnet.pose import load_pose_config
+from bpnet.specs import (AUGMENTATION_MODES, DatasetSpec, InferenceSpec, TrainSpec, build_spec,
+                         load_dataset_spec, load_inference_spec, load_train_spec, spec_to_dict)
+
+from conftest import REPO
+
+TRAIN = REPO / "specs" / "bpnet_train_m1_coco.yaml"
+
+
+def _shipped(pattern):
+    return sorted((REPO / "specs").glob(pattern))
+
+
+@pytest.mark.parametrize("path", _shipped("*train*.yaml"), ids=lambda p: p.name)
+def test_shipped_train_specs_load(path):
+    spec = load_train_spec(path)
+    assert isinstance(spec, TrainSpec)
+    dims = spec.dataloader.image_config.image_dims
+    assert [t * 8 for t in spec.dataloader.pose_config.target_shape] == [dims.height, dims.width]
+    assert spec.num_epoch % spec.checkpoint_n_epoch == 0
+    pose = spec.dataloader.pose_config.load()
+    assert pose.num_joints >= 2
+
+
+@pytest.mark.parametrize("path", _shipped("infer_spec*.yaml"), ids=lambda p: p.name)
+def test_shipped_inference_specs_load(path):
+    spec = load_inference_spec(path)
+    assert isinstance(spec, InferenceSpec)
+    if spec.train_spec:  # paths resolve against the spec's own folder
+        assert Path(spec.train_spec).is_absolute()
+        assert Path(spec.train_spec).parent == path.parent.resolve()
+
+
+def test_tao_tutorial_values():
+    spec = load_train_spec(TRAIN)
+    assert spec.model.class_name == "BpNetLiteModel" and spec.model.stages == 3
+    assert (spec.model.heat_channels, spec.model.paf_channels) == (19, 38)
+    assert spec.checkpoint_n_epoch == 5 and spec.dataloader.batch_size == 10
+    aug = spec.dataloader.augmentation_config.spatial_aug_params
+    assert (aug.flip_lr_prob, aug.rotate_deg_max, aug.rotate_deg_min) == (0.5, 40.0, -40.0)
+    lr = spec.optimizer.learning_rate_schedule
+    assert (lr.base_learning_rate, lr.min_learning_rate, lr.soft_start, lr.annealing) == \
+        (2e-5, 8e-8, 0.05, 0.5)
+    norm = spec.dataloader.normalization_params
+    assert norm.image_scale == [256.0] * 3 and norm.image_offset == [0.5] * 3
+    # The spec round-trips through its plain-dict form.
+    again = build_spec(TrainSpec, spec_to_dict(spec))
+    assert spec_to_dict(again) == spec_to_dict(spec)
+
+
+def test_inference_spec_variants():
+    base = load_inference_spec(REPO / "specs" / "infer_spec.yaml")
+    refine = load_inference_spec(REPO / "specs" / "infer_spec_refine.yaml")
+    strict = load_inference_spec(REPO / "specs" / "infer_spec_strict.yaml")
+    assert base.keep_aspect_ratio_mode == "adjust_network_input" and not base.multi_scale_inference
+    assert refine.multi_scale_inference and len(refine.scales) > 1
+    assert strict.keep_aspect_ratio_mode == "pad_image_input"
+    assert strict.input_shape == [288, 384]
+
+
+def test_coco_dataset_spec_loads():
+    spec = load_dataset_spec(REPO / "data_pose_config" / "coco_spec.json")
+    assert isinstance(spec, DatasetSpec)
+    assert spec.dataset == "coco" and spec.category.num_joints == 17
+    assert spec.category.keypoints[5:7] == ["left_shoulder", "right_shoulder"]
+    assert spec.visibility_flags.table() == {2: 2, 1: 1, 0: 0}
+    fp = spec.data_filtering_params
+    assert (fp.min_acceptable_height, fp.min_acceptable_width, fp.min_acceptable_kpts,
+            fp.min_acceptable_interperson_dist_ratio) == (32, 32, 5, 0.3)
+    root = Path(spec.root_directory_path)
+    assert root.is_absolute() and root == (REPO / "data" / "coco").resolve()
+    images, masks, ann = spec.split_paths("train")
+    assert images == root / "train2017" and ann == root / "annotations/person_keypoints_train2017.json"
+    pose = spec.pose_config()
+    assert pose.num_joints == 18 and pose.keypoints[1] == "neck"
+
+
+@pytest.mark.parametrize("path", [REPO / "model_pose_config" / "bpnet_18joints.json",
+                                  REPO / "bpnet" / "configs" / "bpnet_18joints.json"],
+                         ids=["model_pose_config", "package"])
+def test_shipped_pose_configs_load(path):
+    pose = load_pose_config(path)
+    assert pose.num_joints == 18 and pose.num_edges == 19
+    assert (pose.heat_channels, pose.paf_channels) == (19, 38)
+
+
+# ------------------------------------------------------------------ bad specs
+
+def _train_dict():
+    return yaml.safe_load(TRAIN.read_text())
+
+
+def _write(tmp_path, data, name="spec.yaml"):
+    p = tmp_path / name
+    p.write_text(json.dumps(data) if name.endswith(".json") else yaml.safe_dump(data))
+    return p
+
+
+def _fails(tmp_path, data, *needles, loader=load_train_spec, name="spec.yaml"):
+    p = _write(tmp_path, data, name)
+    with pytest.raises(BpnetError) as e:
+        loader(p)
+    msg = str(e.value)
+    assert str(p) in msg, msg
+    assert "\n" not in msg
+    for n in needles:
+        assert n in msg, msg
+    return msg
+
+
+def test_misspelled_nested_key(tmp_path):
+    d = _train_dict()
+    sp = d["dataloader"]["augmentation_config"]["spatial_aug_params"]
+    sp["flip_lr_prb"] = sp.pop("flip_lr_prob")
+    _fails(tmp_path, d, "dataloader.augmentation_config.spatial_aug_params.flip_lr_prb",
+           "did you mean 'flip_lr_prob'")
+
+
+def test_unknown_top_level_key(tmp_path):
+    d = _train_dict()
+    d["num_epochs"] = 3
+    _fails(tmp_path, d, "num_epochs", "did you mean 'num_epoch'")
+
+
+def test_unknown_key_without_near_match_lists_known_keys(tmp_path):
+    d = _train_dict()
+    d["model"]["zzzz"] = 1
+    _fails(tmp_path, d, "model.zzzz", "known keys:", "stages")
+
+
+@pytest.mark.parametrize("path,value,needle", [
+    (("num_epoch",), "ten", "expected an integer"),
+    (("dataloader", "batch_size"), 2.5, "expected an integer"),
+    (("model", "use_bias"), "yes", "expected true or false"),
+    (("dataloader", "augmentation_config", "spatial_aug_params", "flip_lr_prob"), [0.5],
+     "expected a number"),
+    (("dataloader", "pose_config", "target_shape"), 32, "expected a list"),
+    (("model",), "BpNetLiteModel", "expected a mapping"),
+])
+def test_wrong_types(tmp_path, path, value, needle):
+    d = _train_dict()
+    node = d
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    _fails(tmp_path, d, ".".join(path), needle)
+
+
+def test_checkpoint_n_epoch_must_divide_num_epoch(tmp_path):
+    d = _train_dict()
+    d["num_epoch"], d["checkpoint_n_epoch"] = 12, 5
+    _fails(tmp_path, d, "checkpoint_n_epoch", "does not divide num_epoch 12")
+
+
+def test_target_shape_must_match_image_dims(tmp_path):
+    d = _train_dict()
+    d["dataloader"]["pose_config"]["target_shape"] = [46, 46]
+    _fails(tmp_path, d, "dataloader.pose_config.target_shape", "image_dims [256, 256]", "[32, 32]")
+
+
+def test_stages_at_least_two(tmp_path):
+    d = _train_dict()
+    d["model"]["stages"] = 1
+    _fails(tmp_path, d, "model.stages", ">= 2")
+
+
+def test_unknown_augmentation_mode(tmp_path):
+    d = _train_dict()
+    d["dataloader"]["augmentation_config"]["spatial_augmentation_mode"] = "person_center"
+    msg = _fails(tmp_path, d, "dataloader.augmentation_config.spatial_augmentation_mode",
+                 "'person_center' is not allowed")
+    for mode in AUGMENTATION_MODES:
+        assert mode in msg
+
+
+def test_unknown_class_name(tmp_path):
+    d = _train_dict()
+    d["model"]["__class_name__"] = "BpNetModelLite"
+    _fails(tmp_path, d, "model.__class_name__", "unknown class", "BpNetLiteModel")
+
+
+def test_impossible_values(tmp_path):
+    d = _train_dict()
+    d["dataloader"]["augmentation_config"]["spatial_aug_params"]["flip_lr_prob"] = 1.5
+    _fails(tmp_path, d, "flip_lr_prob", "probability")
+    d = _train_dict()
+    d["optimizer"]["learning_rate_schedule"]["soft_start"] = 0.7
+    _fails(tmp_path, d, "soft_start", "annealing")
+
+
+def test_inference_spec_errors(tmp_path):
+    d = yaml.safe_load((REPO / "specs" / "infer_spec.yaml").read_text())
+    d["keep_aspect_ratio_mode"] = "pad"
+    _fails(tmp_path, d, "keep_aspect_ratio_mode", "pad_image_input", loader=load_inference_spec)
+    d = yaml.safe_load((REPO / "specs" / "infer_spec.yaml").read_text())
+    d["heatmap_treshold"] = 0.2
+    _fails(tmp_path, d, "heatmap_treshold", "did you mean 'heatmap_threshold'",
+           loader=load_inference_spec)
+
+
+def test_dataset_spec_errors(tmp_path):
+    d = json.loads((REPO / "data_pose_config" / "coco_spec.json").read_text())
+    d["data_filtering_params"]["min_acceptable_kpt"] = 3
+    _fails(tmp_path, d, "data_filtering_params.min_acceptable_kpt", "min_acceptable_kpts",
+           loader=load_dataset_spec, name="ds.json")
+    d = json.loads((REPO / "data_pose_config" / "coco_spec.json").read_text())
+    d["categories"][0]["num_joints"] = 18
+    _fails(tmp_path, d, "categories[0].num_joints", "17 keypoints", loader=load_dataset_spec,
+           name="ds.json")
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(BpnetError, match="file not found"):
+        load_train_spec(tmp_path / "nope.yaml")
+    p = tmp_path / "broken.yaml"
+    p.write_text("dataloader: [unclosed\n")
+    with pytest.raises(BpnetError, match="not valid YAML"):
+        load_train_spec(p)
+    p = tmp_path / "list.json"
+    p.write_text("[1, 2]")
+    with pytest.raises(BpnetError, match="top level must be a mapping"):
+        load_train_spec(p)
+
+
+def test_paths_resolve_against_spec_folder(tmp_path):
+    sub = tmp_path / "cfg"
+    sub.mkdir()
+    d = _train_dict()
+    d["checkpoint_dir"] = "out/run1"
+    d["dataloader"]["dataset_config"]["dataset_specs"] = {"coco": "../ds/coco.json"}
+    spec = load_train_spec(_write(sub, d))
+    assert Path(spec.checkpoint_dir) == sub / "out" / "run1"
+    assert Path(spec.dataloader.dataset_config.dataset_specs["coco"]) == tmp_path / "ds" / "coco.json"
