@@ -88,7 +88,26 @@ def common_options(default_results=None):
     return deco
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _OneLineErrors(click.Group):
+    """Usage errors as one line ("bpnet TASK: error: ...") instead of click's usage block."""
+
+    def main(self, *args, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            where = ctx.command_path if ctx is not None else "bpnet"
+            hint = f" (see '{where} --help')" if isinstance(e, click.UsageError) else ""
+            click.echo(f"{where}: error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("bpnet: aborted", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_OneLineErrors,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="bpnet")
 def main():
     """bpnet: bottom-up multi-person 2D pose estimation (OpenPose-style PAF networks).
