@@ -94,7 +94,7 @@ class _OneLineErrors(click.Group):
     def main(self, *args, **kwargs):
         kwargs.pop("standalone_mode", None)
         try:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            rv = super().main(*args, standalone_mode=False, **kwargs)
         except click.ClickException as e:
             ctx = getattr(e, "ctx", None)
             where = ctx.command_path if ctx is not None else "bpnet"
@@ -104,6 +104,9 @@ class _OneLineErrors(click.Group):
         except click.exceptions.Abort:
             click.echo("bpnet: aborted", err=True)
             sys.exit(1)
+        # Without standalone mode click returns the command's own value (or an
+        # exit code for --help/--version); the console script passes it to sys.exit.
+        return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
 
 
 @click.group(cls=_OneLineErrors,
