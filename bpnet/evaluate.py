@@ -1,0 +1,251 @@
+"""``bpnet evaluate``: COCO keypoint AP/AR of a model on a dataset's test split.
+
+Every image of the dataset spec's test_data goes through the inference
+Predictor (single-scale, multi-scale or strict, whatever the inference spec
+says; any model file the runners load). Detected people come back in the
+model's joints and original-image pixels; they are mapped onto the dataset's
+keypoints by name (COCO: the synthetic neck is dropped) and scored with
+pycocotools' COCOeval on keypoints.
+
+Outputs in the results dir (each written atomically):
+- ``detections.json``: TAO's layout, model joints per person with (0, 0)
+  for a missing joint;
+- ``detections_coco_format.json``: COCO result entries;
+- ``results.csv``: one KPI per row;
+- ``status.json``: the KPIs under "kpi", plus timing and image counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .errors import BpnetError
+
+log = logging.getLogger("bpnet.evaluate")
+
+# COCOeval's stats order for keypoints, under TAO's KPI names.
+KPI_NAMES = (
+    "AP_0.50:0.95_all", "AP_0.5", "AP_0.75", "AP_0.50:0.95_medium", "AP_0.50:0.95_large",
+    "AR_0.50:0.95_all", "AR_0.5", "AR_0.75", "AR_0.50:0.95_medium", "AR_0.50:0.95_large",
+)
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """pycocotools prints progress to stdout; keep it for --log_level DEBUG only."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        yield
+    text = buf.getvalue().strip()
+    if text:
+        log.debug("%s", text)
+
+
+def load_ground_truth(dataset_spec_path):
+    """(dataset spec, COCO object, images dir) of the spec's test_data, validated."""
+    from pycocotools.coco import COCO
+
+    from .specs import load_dataset_spec
+
+    spec = load_dataset_spec(dataset_spec_path)
+    if spec.test_data is None:
+        raise BpnetError(f"{dataset_spec_path}: the dataset spec has no test_data section; add "
+                         "test_data {images_root_dir_path, annotation_root_dir_path} to evaluate")
+    images_dir, _, ann_path = spec.split_paths("test")
+    if not ann_path.is_file():
+        raise BpnetError(f"{dataset_spec_path}: test_data.annotation_root_dir_path: {ann_path} "
+                         "not found")
+    try:
+        with _quiet_stdout():
+            coco = COCO(str(ann_path))
+    except Exception as e:  # json errors, missing keys
+        raise BpnetError(f"{ann_path}: not a COCO keypoint annotation file "
+                         f"({type(e).__name__}: {e})") from e
+    cat = spec.category
+    if cat.id not in coco.cats:
+        raise BpnetError(f"{ann_path}: no category id {cat.id} ({cat.name}) as the dataset spec "
+                         f"{dataset_spec_path} names; the file has {sorted(coco.cats)}")
+    file_kps = coco.cats[cat.id].get("keypoints")
+    if file_kps and list(file_kps) != list(cat.keypoints):
+        raise BpnetError(f"{ann_path}: the category's keypoints {file_kps} differ from the dataset "
+                         f"spec's {list(cat.keypoints)} ({dataset_spec_path})")
+    for ann in coco.dataset.get("annotations", []):
+        kps = ann.get("keypoints")
+        if kps is not None and len(kps) != 3 * cat.num_joints:
+            raise BpnetError(f"{ann_path}: annotation {ann.get('id')} has {len(kps) // 3} keypoints, "
+                             f"the dataset spec says {cat.num_joints}")
+    return spec, coco, images_dir
+
+
+def check_pose_matches(pose, dataset_keypoints, dataset_spec_path, model_desc):
+    """The model's joints must cover the dataset's keypoints (by name): one clear message."""
+    try:
+        mapping = pose.dataset_mapping(dataset_keypoints)
+    except BpnetError as e:
+        raise BpnetError(f"model {model_desc} (pose config {pose.name!r}) does not match the "
+                         f"dataset of {dataset_spec_path}: {e}") from e
+    missing = [k for k, j in zip(dataset_keypoints, mapping.to_dataset) if j is None]
+    if missing:
+        raise BpnetError(f"model {model_desc} (pose config {pose.name!r}) does not predict the "
+                         f"dataset keypoints {missing} of {dataset_spec_path}; evaluate it on a "
+                         "dataset with its own keypoints")
+    return mapping
+
+
+def coco_results(people_keypoints, mapping, image_id: int, category_id: int, person_scores):
+    """COCO result entries for one image's people ([N, J, 3] model joints: x, y, score)."""
+    kps = np.asarray(people_keypoints, dtype=np.float64)
+    if kps.size == 0:
+        return []
+    ds = mapping.model_to_dataset(kps[..., :2], scores=kps[..., 2])
+    out = []
+    for p in range(ds.shape[0]):
+        present = ds[p, :, 2] > 0
+        # COCOeval reads x and y only; v marks detected joints for readers.
+        flat = np.zeros((ds.shape[1], 3))
+        flat[present, :2] = ds[p, present, :2]
+        flat[present, 2] = 1.0
+        out.append({"image_id": int(image_id), "category_id": int(category_id),
+                    "keypoints": [round(float(v), 2) for v in flat.ravel()],
+                    "score": float(person_scores[p])})
+    return out
+
+
+def run_cocoeval(coco_gt, results, image_ids):
+    """COCOeval on keypoints over ``image_ids``; returns {KPI name: value}."""
+    from pycocotools.cocoeval import COCOeval
+    if not results:
+        log.warning("no person detected on any image: every KPI is 0")
+        return {k: 0.0 for k in KPI_NAMES}
+    with _quiet_stdout():
+        coco_dt = coco_gt.loadRes(results)
+        ev = COCOeval(coco_gt, coco_dt, "keypoints")
+        ev.params.imgIds = sorted(image_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    # COCOeval reports -1 where a bucket has no ground truth (e.g. no medium persons).
+    return {k: float(v) for k, v in zip(KPI_NAMES, ev.stats)}
+
+
+def format_table(kpi: dict, extra: Optional[dict] = None) -> str:
+    rows = list(kpi.items()) + list((extra or {}).items())
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    for k, v in rows:
+        lines.append(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    return "\n".join(lines)
+
+
+def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=None, key=None,
+             status=None, show_progress: bool = True) -> dict:
+    """The ``bpnet evaluate`` task body; returns the summary stored in status.json."""
+    import cv2
+    from tqdm import tqdm
+
+    from .infer.predictor import Predictor
+    from .io import write_json_atomic, atomic_path
+    from .specs import load_inference_spec, spec_to_dict
+
+    infer_spec = load_inference_spec(inference_spec_path)
+    if model_path is None and infer_spec.model_path is None:
+        raise BpnetError(f"{inference_spec_path}: no model: give -m/--model_filename or set model_path")
+    spec, coco, images_dir = load_ground_truth(dataset_spec_path)
+    cat = spec.category
+
+    image_ids = sorted(coco.getImgIds())
+    if not image_ids:
+        raise BpnetError(f"{dataset_spec_path}: the test annotation file lists no images")
+    present, missing = [], []
+    for iid in image_ids:
+        info = coco.imgs[iid]
+        path = images_dir / info["file_name"]
+        (present if path.is_file() else missing).append((iid, path))
+    if missing:
+        names = ", ".join(str(p.name) for _, p in missing[:3])
+        log.warning("%d of %d images named by the annotations are missing under %s (e.g. %s); "
+                    "they are skipped and left out of the metrics", len(missing), len(image_ids),
+                    images_dir, names)
+    if not present:
+        raise BpnetError(f"{dataset_spec_path}: none of the {len(image_ids)} test images exist "
+                         f"under {images_dir}; check root_directory_path and images_root_dir_path")
+
+    predictor = Predictor(infer_spec, model_path=model_path, key=key)
+    model_desc = str(model_path or infer_spec.model_path)
+    mapping = check_pose_matches(predictor.pose, list(cat.keypoints), dataset_spec_path, model_desc)
+
+    # One untimed run first: graph tracing and the decoder's JIT compilation
+    # happen once per process and would otherwise be billed to the first image.
+    first = cv2.imread(str(present[0][1]), cv2.IMREAD_COLOR)
+    if first is not None:
+        predictor.predict(first)
+
+    det_images, coco_dets, evaluated = [], [], []
+    unreadable = []
+    net_s = dec_s = 0.0
+    t_start = time.perf_counter()
+    bar = tqdm(present, desc="evaluate", unit="img", disable=not show_progress)
+    for n, (iid, path) in enumerate(bar, start=1):
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            log.warning("%s: cannot decode the image; skipped", path)
+            unreadable.append(path)
+            continue
+        people, timings = predictor.predict(image)
+        net_s += float(timings.get("network_s", 0.0))
+        dec_s += float(timings.get("decode_s", 0.0))
+        kps = np.asarray(people.keypoints, dtype=np.float64).reshape(-1, predictor.pose.num_joints, 3)
+        scores = np.asarray(people.scores, dtype=np.float64).reshape(-1)
+        det_images.append({
+            "full_image_path": str(path),
+            "image_id": int(iid),
+            "keypoints": [[[round(float(x), 2), round(float(y), 2)] if s > 0 else [0.0, 0.0]
+                           for x, y, s in person] for person in kps],
+            "scores": [round(float(s), 5) for s in scores],
+        })
+        coco_dets.extend(coco_results(kps, mapping, iid, cat.id, scores))
+        evaluated.append(iid)
+        if status is not None:
+            status.progress(n, len(present), message=f"evaluating {path.name}")
+    bar.close()
+    wall = time.perf_counter() - t_start
+    if not evaluated:
+        raise BpnetError(f"none of the test images under {images_dir} could be decoded")
+
+    kpi = run_cocoeval(coco, coco_dets, evaluated)
+    n_eval = len(evaluated)
+    timing = {"network_s_per_image": net_s / n_eval, "decode_s_per_image": dec_s / n_eval,
+              "wall_s_per_image": wall / n_eval}
+    print(format_table(kpi, timing), flush=True)
+
+    results = Path(results_dir)
+    write_json_atomic(results / "detections.json", {
+        "pose_config_type": predictor.pose.name,
+        "categories": [spec_to_dict(c) for c in spec.categories],
+        "inference_spec": spec_to_dict(infer_spec),
+        "images": det_images,
+    })
+    write_json_atomic(results / "detections_coco_format.json", coco_dets)
+    with atomic_path(results / "results.csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["metric", "value"])
+            for k, v in kpi.items():
+                w.writerow([k, f"{v:.6f}"])
+            for k, v in timing.items():
+                w.writerow([k, f"{v:.6f}"])
+    log.info("evaluated %d images (%d missing, %d unreadable): AP %.4f, AP50 %.4f, AR %.4f; "
+             "network %.1f ms, decoding %.1f ms per image", n_eval, len(missing), len(unreadable),
+             kpi["AP_0.50:0.95_all"], kpi["AP_0.5"], kpi["AR_0.50:0.95_all"],
+             1e3 * timing["network_s_per_image"], 1e3 * timing["decode_s_per_image"])
+    return {"kpi": kpi, "images_evaluated": n_eval, "images_missing": len(missing),
+            "images_unreadable": len(unreadable), "detections": len(coco_dets),
+            **{k: round(v, 6) for k, v in timing.items()}}

