@@ -1,0 +1,115 @@
+"""The bpnet command line: version, light --help, one-line errors, status.json."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import bpnet
+from bpnet.cli import main
+
+from conftest import REPO
+
+HEAVY = ("tensorflow", "keras", "onnxruntime", "onnx", "tf2onnx", "jax", "torch", "tensorrt")
+
+
+def _bpnet_cmd():
+    script = Path(sys.executable).parent / "bpnet"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "bpnet.cli"]
+
+
+def _run(*args, cwd=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run(_bpnet_cmd() + list(args), capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+
+
+def test_version():
+    r = _run("--version")
+    assert r.returncode == 0
+    assert r.stdout.strip() == f"bpnet, version {bpnet.__version__}"
+
+
+def test_help_imports_nothing_heavy():
+    code = f"""
+import json, sys
+from bpnet.cli import main
+names = sorted(main.commands)
+for args in [["--help"]] + [[n, "--help"] for n in names]:
+    try:
+        rc = main(args, prog_name="bpnet")
+    except SystemExit as e:
+        rc = e.code
+    assert rc in (0, None), (args, rc)
+print(json.dumps({{"commands": names, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["heavy"] == []
+    assert {"dataset_convert", "make_sample_data"} <= set(out["commands"])
+
+
+def test_help_lists_tao_options():
+    r = _run("dataset_convert", "--help")
+    assert r.returncode == 0
+    for opt in ("--dataset_spec", "--output_filename", "--mode", "--num_partitions", "--num_shards",
+                "--generate_masks", "--check_files", "--results_dir", "--log_level"):
+        assert opt in r.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["dataset_convert"], "Missing option '-d' / '--dataset_spec'"),
+    (["dataset_convert", "-d", "x.json", "-o", "out", "-p", "0"], "--num_partitions"),
+    (["dataset_convert", "-d", "x.json", "-o", "out", "-m", "validation"], "'validation' is not one of"),
+    (["no_such_task"], "No such command 'no_such_task'"),
+    (["make_sample_data", "-o", "x", "--image_size", "big"], "--image_size"),
+])
+def test_bad_arguments_one_line(tmp_path, args, needle):
+    r = _run(*args, cwd=tmp_path)
+    assert r.returncode == 2
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    assert "error:" in lines[0] and needle in lines[0], lines[0]
+    assert "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written for a usage error
+
+
+def test_task_error_is_one_line_and_status_failure(tmp_path):
+    r = _run("dataset_convert", "-d", str(tmp_path / "missing_spec.json"), "-o", str(tmp_path / "o"),
+             "-r", str(tmp_path / "res"))
+    assert r.returncode == 1
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines == [f"bpnet dataset_convert: error: {tmp_path / 'missing_spec.json'}: file not found"]
+    status = json.loads((tmp_path / "res" / "status.json").read_text())
+    assert status["task"] == "dataset_convert" and status["status"] == "FAILURE"
+    assert "file not found" in status["message"]
+
+
+def test_debug_log_level_shows_traceback(tmp_path):
+    r = _run("dataset_convert", "-d", str(tmp_path / "missing.json"), "-o", str(tmp_path / "o"),
+             "-r", str(tmp_path / "res"), "-ll", "DEBUG")
+    assert r.returncode != 0
+    assert "Traceback" in r.stderr and "file not found" in r.stderr
+
+
+def test_status_success_with_summary(tmp_path):
+    res = CliRunner().invoke(main, ["make_sample_data", "-o", str(tmp_path / "data"), "--num_train", "3",
+                                    "--num_val", "1", "--image_size", "96", "128",
+                                    "-r", str(tmp_path / "res")])
+    assert res.exit_code == 0, res.output
+    status = json.loads((tmp_path / "res" / "status.json").read_text())
+    assert status["status"] == "SUCCESS" and status["task"] == "make_sample_data"
+    assert status["train"]["images"] == 3 and status["val"]["images"] == 1
+    assert Path(status["dataset_spec"]).is_file()
+    res = CliRunner().invoke(main, ["dataset_convert", "-d", status["dataset_spec"],
+                                    "-o", str(tmp_path / "rec" / "train"), "--workers", "1",
+                                    "--generate_masks", "-r", str(tmp_path / "res2")])
+    assert res.exit_code == 0, res.output
+    status = json.loads((tmp_path / "res2" / "status.json").read_text())
+    assert status["status"] == "SUCCESS" and status["records"] >= 1
+    assert status["files"] == [str(tmp_path / "rec" / "train-fold-000-of-001")]
