@@ -102,12 +102,18 @@ class KerasRunner(Runner):
 
     def _compile(self):
         import keras
+        model = self.model
+
+        def call(x):
+            # A one-element list matches the functional model's input structure.
+            return model([x], training=False)
+
         if keras.backend.backend() != "tensorflow":
-            return lambda x: self.model(x, training=False)
+            return call
         import tensorflow as tf
         # One trace for every input size and batch size.
         sig = [tf.TensorSpec([None, None, None, self.input_channels], tf.float32)]
-        return tf.function(lambda x: self.model(x, training=False), input_signature=sig)
+        return tf.function(call, input_signature=sig, autograph=False)
 
     def run(self, batch):
         outs = self._fn(np.ascontiguousarray(batch, dtype=np.float32))

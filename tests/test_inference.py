@@ -1,0 +1,499 @@
+"""`bpnet inference` and the Predictor: runners, geometry end to end, outputs, bad input,
+and the real pretrained network on real pictures and video."""
+
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from bpnet.cli import main
+from bpnet.data.labels import render_labels
+from bpnet.errors import BpnetError
+from bpnet.infer.preprocess import plan_geometry
+from bpnet.infer.runners import ONNX_META_KEY, Runner, load_runner
+from bpnet.pose import load_pose_config, pose_config_from_dict
+from bpnet.specs import InferenceSpec, ModelConfig, default_pose_config_path
+from conftest import COCO_VAL_ANN, DEMO_VIDEO, SHARED_IMAGES, TFPOSE_PB, need
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+keras = pytest.importorskip("keras")
+
+POSE18 = load_pose_config(default_pose_config_path())
+# A custom keypoint set: nothing in inference may assume COCO's 18 joints.
+POSE5 = pose_config_from_dict({
+    "name": "five",
+    "keypoints": ["head", "left_hand", "right_hand", "left_foot", "right_foot"],
+    "skeleton": [[1, 2], [1, 3], [1, 4], [1, 5]],
+})
+NORM = {"image_scale": [256.0] * 3, "image_offset": [0.5] * 3}
+
+
+def _meta(pose, cfg):
+    import dataclasses
+    return {"pose_config": pose.to_dict(), "normalization": NORM, "stride": 8,
+            "model": dataclasses.asdict(cfg), "input_channels": 3, "num_stages": cfg.stages}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny randomly initialised bpnet model for the 5-joint config, saved with io.save_model."""
+    from bpnet.model.build import build_model
+    from bpnet.model.io import save_model
+    cfg = ModelConfig(class_name="BpNetLiteModel", stages=2, width_multiplier=0.0625,
+                      heat_channels=POSE5.heat_channels, paf_channels=POSE5.paf_channels,
+                      kernel_initializer="xavier")
+    keras.utils.set_random_seed(0)
+    model = build_model(cfg, POSE5)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.keras"
+    save_model(model, path, _meta(POSE5, cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny, tmp_path_factory):
+    """The tiny model's last stage converted with tf2onnx, meta in metadata_props."""
+    import onnx
+    import tensorflow as tf
+    import tf2onnx
+    from bpnet.infer.runners import KerasRunner
+    kr = KerasRunner(tiny)
+    sm = kr.model
+
+    def call(x):
+        return sm([x], training=False)
+
+    out = {}
+    for name, shape in (("dynamic", [None, None, None, 3]), ("fixed", [1, 64, 96, 3])):
+        fn = tf.function(call, autograph=False)
+        proto, _ = tf2onnx.convert.from_function(
+            fn, input_signature=[tf.TensorSpec(shape, tf.float32, name="input")], opset=17)
+        meta = dict(kr.meta)
+        meta.pop("num_stages")  # an export carries only the last stage
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = ONNX_META_KEY, json.dumps(meta)
+        p = tmp_path_factory.mktemp("onnx") / f"tiny_{name}.onnx"
+        onnx.save(proto, str(p))
+        out[name] = p
+    return out
+
+
+# ------------------------------------------------------------------ runners
+
+def test_keras_runner_stage_selection_and_map_shapes(tiny):
+    x = np.random.default_rng(0).normal(size=(2, 64, 40, 3)).astype(np.float32)
+    last = load_runner(tiny)
+    first = load_runner(tiny, stage=1)
+    h2, p2 = last.run(x)
+    h1, p1 = first.run(x)
+    assert h2.shape == (2, 8, 5, POSE5.heat_channels) and p2.shape == (2, 8, 5, POSE5.paf_channels)
+    assert h1.shape == h2.shape and not np.allclose(h1, h2)
+    assert last.pose.keypoints == POSE5.keypoints and last.stride == 8
+    with pytest.raises(BpnetError, match="output_stage_to_use is 3 .* 2 stages"):
+        load_runner(tiny, stage=3)
+
+
+def test_onnx_runner_matches_the_keras_runner(tiny, tiny_onnx):
+    x = np.random.default_rng(1).normal(size=(3, 48, 72, 3)).astype(np.float32)
+    hk, pk = load_runner(tiny).run(x)
+    onnx_runner = load_runner(tiny_onnx["dynamic"])
+    assert type(onnx_runner).__name__ == "OnnxRunner" and onnx_runner.fixed_input_hw is None
+    ho, po = onnx_runner.run(x)
+    # Random weights give small maps; compare relative to their size, and make
+    # sure they vary (the comparison then means something).
+    for o, k in ((ho, hk), (po, pk)):
+        scale = np.abs(k).max()
+        assert scale > 0 and k.std() > 0.05 * scale
+        np.testing.assert_allclose(o, k, atol=1e-4 * scale)
+    # Chosen by content too, whatever the file is called.
+    renamed = tiny_onnx["dynamic"].with_name("model.bin")
+    renamed.write_bytes(tiny_onnx["dynamic"].read_bytes())
+    assert type(load_runner(renamed)).__name__ == "OnnxRunner"
+
+
+def test_fixed_size_onnx_model_forces_its_input_size(tiny_onnx, caplog):
+    from bpnet.infer.predictor import Predictor
+    spec = InferenceSpec(input_shape=[368, 368], keep_aspect_ratio_mode="adjust_network_input",
+                         multi_scale_inference=True, scales=[0.5, 1.0])
+    pred = Predictor(spec, model_path=tiny_onnx["fixed"], batch_size=4)
+    assert pred.input_shape == [64, 96] and pred.mode == "pad_image_input" and pred.scales == [1.0]
+    assert pred.runner.fixed_batch == 1
+    imgs = [np.full((50, 70, 3), 90, np.uint8), np.full((30, 200, 3), 30, np.uint8)]
+    res = pred.predict_many(imgs)
+    assert len(res) == 2 and all(r[1]["network_s"] > 0 for r in res)
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ("missing.keras", "model file not found"),
+    ("text.keras", "not a readable|cannot|not a bpnet|zip"),
+    ("junk.onnx", "not a loadable ONNX model"),
+    ("model.engine", "TensorRT engines"),
+])
+def test_missing_or_wrong_model_file_is_one_clear_error(tmp_path, bad, msg):
+    p = tmp_path / bad
+    if bad != "missing.keras":
+        p.write_bytes(b"hello, I am not a model\n" * 10)
+    with pytest.raises(BpnetError, match=msg):
+        load_runner(p)
+
+
+# ------------------------------------------------------------------ predictor geometry end to end
+
+class OracleRunner(Runner):
+    """Renders perfect maps for known people wherever preprocessing put them.
+
+    It learns the geometry from the input's shape (one shape per picture and
+    scale) and whether the input was mirrored from a white band at the
+    picture's left edge, and renders ground-truth maps with the project's
+    label renderer (mirrored maps for a mirrored input, as a network would
+    see them). The Predictor must undo all of it.
+    """
+
+    def __init__(self, pose, pictures, spec):
+        self.pose = pose
+        self.meta = {"pose_config": pose.to_dict(), "normalization": NORM, "stride": 8}
+        self.path = "<oracle>"
+        self.geo = {}
+        scales = spec.scales if spec.multi_scale_inference else [1.0]
+        for joints, hw in pictures:
+            for s in scales:
+                g = plan_geometry(hw, spec.input_shape, spec.keep_aspect_ratio_mode, 8, s)
+                assert g.net_hw not in self.geo, "test pictures must give distinct input shapes"
+                self.geo[g.net_hw] = (joints, g.transform, s)
+        self.calls = []
+
+    def run(self, batch):
+        self.calls.append(batch.shape)
+        hms, pafs = [], []
+        for x in batch:
+            joints, t, s = self.geo[x.shape[:2]]
+            h, w = x.shape[:2]
+            red = x[:, :, 0]
+            mirrored = red[:, : w // 2].mean() < red[:, w - w // 2:].mean()
+            j = joints.copy()
+            j[..., :2] = t.to_input(joints[..., :2])
+            if mirrored:
+                jp = self.pose.flip_permutation()
+                m = np.zeros_like(j)
+                m[:, jp] = j
+                m[..., 0] = np.where(m[..., 2] > 0, w - 1 - m[..., 0], 0)
+                j = m
+            hm, paf = render_labels(j, self.pose, (h, w), sigma=7.0 * max(s, 0.5))
+            hms.append(hm)
+            pafs.append(paf)
+        return np.stack(hms), np.stack(pafs)
+
+
+def _real_people(limit):
+    doc = json.loads(need(COCO_VAL_ANN).read_text())
+    mapping = POSE18.dataset_mapping(doc["categories"][0]["keypoints"])
+    sizes = {im["id"]: (im["height"], im["width"]) for im in doc["images"]}
+    by_img = {}
+    for a in doc["annotations"]:
+        if a.get("num_keypoints", 0) >= 10 and not a.get("iscrowd") and a["bbox"][3] > 120:
+            by_img.setdefault(a["image_id"], []).append(a)
+    out, shapes = [], set()
+    for iid, anns in sorted(by_img.items()):
+        hw = sizes[iid]
+        if hw in shapes:
+            continue
+        shapes.add(hw)
+        kps = np.array([a["keypoints"] for a in anns], np.float32).reshape(len(anns), -1, 3)
+        out.append((mapping.dataset_to_model(kps), hw))
+        if len(out) == limit:
+            break
+    return out
+
+
+def _picture(hw):
+    img = np.zeros(tuple(hw) + (3,), np.uint8)
+    img[:, : max(1, hw[1] // 20)] = 255  # the oracle's mirror marker
+    return img
+
+
+def _errors(found, truth):
+    errs = []
+    for person in truth:
+        vis = person[:, 2] > 0
+        best = np.inf
+        for cand in found:
+            both = vis & (cand[:, 2] > 0)
+            if both.sum() >= 0.8 * vis.sum():
+                best = min(best, np.linalg.norm(cand[both, :2] - person[both, :2], axis=1).mean())
+        errs.append(best)
+    return np.array(errs)
+
+
+@pytest.mark.parametrize("mode", [None, "adjust_network_input", "pad_image_input"])
+@pytest.mark.parametrize("multi,flip", [(False, False), (True, True)])
+def test_predictor_returns_people_in_original_pixels(mode, multi, flip):
+    """Every mode, with and without multi-scale + flip: people land on their true joints."""
+    pictures = _real_people(1 if mode != "adjust_network_input" else 3)
+    spec = InferenceSpec(input_shape=[368, 368], keep_aspect_ratio_mode=mode,
+                         multi_scale_inference=multi, scales=[0.75, 1.0, 1.5], flip_test=flip)
+    from bpnet.infer.predictor import Predictor
+    oracle = OracleRunner(POSE18, pictures, spec)
+    pred = Predictor(spec, runner=oracle, batch_size=8)
+    results = pred.predict_many([_picture(hw) for _, hw in pictures])
+    n_jobs = len(pictures) * (3 if multi else 1) * (2 if flip else 1)
+    assert sum(c[0] for c in oracle.calls) == n_jobs
+    if flip:  # a picture and its mirror share a shape: one batch
+        assert max(c[0] for c in oracle.calls) >= 2
+    for (joints, hw), (people, timing) in zip(pictures, results):
+        assert set(timing) >= {"network_s", "decode_s"}
+        err = _errors(people.keypoints, joints)
+        assert np.isfinite(err).all(), err
+        # A few pixels in pictures of 400-640 px, whatever the mode (null
+        # stretches the picture, so its error is larger along one axis).
+        assert np.median(err) < 3.0 and err.max() < 8.0, err
+        kp = people.keypoints
+        assert (kp[..., 0] <= hw[1] - 1).all() and (kp[..., 1] <= hw[0] - 1).all()
+
+
+# ------------------------------------------------------------------ the command
+
+def _run(args):
+    r = CliRunner().invoke(main, ["inference"] + args, catch_exceptions=False)
+    return r.exit_code, r.output
+
+
+@pytest.fixture
+def spec_file(tmp_path):
+    p = tmp_path / "infer.yaml"
+    p.write_text("input_shape: [64, 64]\nkeep_aspect_ratio_mode: adjust_network_input\n")
+    return p
+
+
+def _bad_input_folder(d: Path):
+    d.mkdir()
+    cv2.imwrite(str(d / "a_color.jpg"), np.random.default_rng(0).integers(0, 255, (60, 80, 3),
+                                                                          dtype=np.uint8))
+    cv2.imwrite(str(d / "b_gray.png"), np.full((50, 40), 128, np.uint8))
+    cv2.imwrite(str(d / "c_rgba.png"), np.full((30, 30, 4), 200, np.uint8))
+    cv2.imwrite(str(d / "d_deep.png"), np.full((40, 40, 3), 50000, np.uint16))
+    cv2.imwrite(str(d / "e_tiny.png"), np.zeros((1, 1, 3), np.uint8))
+    cv2.imwrite(str(d / "f_large.jpg"), np.full((4000, 6000, 3), 100, np.uint8))
+    (d / "g_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
+    (d / "notes.txt").write_text("not an image")
+    (d / "sub").mkdir()
+    return ["a_color.jpg", "b_gray.png", "c_rgba.png", "d_deep.png", "e_tiny.png", "f_large.jpg"]
+
+
+def test_folder_with_bad_files_keeps_every_good_result(tmp_path, tiny, spec_file):
+    good = _bad_input_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    code, text = _run(["-i", str(spec_file), "-m", str(tiny), "--input_type", "dir",
+                       "--input", str(tmp_path / "in"), "-r", str(out), "--dump_visualizations",
+                       "--batch_size", "3"])
+    assert code == 0, text
+    det = json.loads((out / "detections.json").read_text())
+    assert [Path(e["full_image_path"]).name for e in det["images"]] == good
+    assert {Path(s["path"]).name for s in det["skipped"]} == {"notes.txt", "g_corrupt.jpg"}
+    assert det["pose_config_type"] == "five"
+    assert det["categories"][0]["keypoints"] == list(POSE5.keypoints)
+    sizes = {Path(e["full_image_path"]).name: (e["height"], e["width"]) for e in det["images"]}
+    assert sizes["e_tiny.png"] == (1, 1) and sizes["f_large.jpg"] == (4000, 6000)
+    for e in det["images"]:
+        for person in e["keypoints"]:
+            assert len(person) == POSE5.num_joints
+    coco = json.loads((out / "detections_coco_format.json").read_text())
+    assert isinstance(coco, list)
+    assert all(len(r["keypoints"]) == 3 * POSE5.num_joints and r["category_id"] == 1 for r in coco)
+    annotated = sorted(p.name for p in (out / "images_annotated").iterdir())
+    assert annotated == sorted(good)
+    assert cv2.imread(str(out / "images_annotated" / "f_large.jpg")).shape == (4000, 6000, 3)
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "SUCCESS" and status["images"] == 6 and status["skipped"] == 2
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_json_inputs_list_and_coco_style(tmp_path, tiny, spec_file):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for n in ("x.jpg", "y.png"):
+        cv2.imwrite(str(root / n), np.full((40, 56, 3), 77, np.uint8))
+    lst = tmp_path / "list.json"
+    lst.write_text(json.dumps(["x.jpg", "gone.jpg", "y.png"]))
+    code, text = _run(["-i", str(spec_file), "-m", str(tiny), "--input_type", "json",
+                       "--input", str(lst), "--image_root_path", str(root), "-r",
+                       str(tmp_path / "o1")])
+    assert code == 0, text
+    det = json.loads((tmp_path / "o1" / "detections.json").read_text())
+    assert [Path(e["full_image_path"]).name for e in det["images"]] == ["x.jpg", "y.png"]
+    assert [Path(s["path"]).name for s in det["skipped"]] == ["gone.jpg"]
+    coco_in = tmp_path / "coco.json"
+    coco_in.write_text(json.dumps({"images": [{"id": 4711, "file_name": "y.png"},
+                                              {"id": 12, "file_name": "x.jpg"}]}))
+    code, text = _run(["-i", str(spec_file), "-m", str(tiny), "--input_type", "json",
+                       "--input", str(coco_in), "--image_root_path", str(root), "-r",
+                       str(tmp_path / "o2")])
+    assert code == 0, text
+    det = json.loads((tmp_path / "o2" / "detections.json").read_text())
+    assert [e["image_id"] for e in det["images"]] == [4711, 12]
+    # Nothing at all readable: one clear error, no outputs.
+    none = tmp_path / "none.json"
+    none.write_text(json.dumps(["a.jpg", "b.jpg"]))
+    code, text = _run(["-i", str(spec_file), "-m", str(tiny), "--input_type", "json",
+                       "--input", str(none), "--image_root_path", str(root), "-r",
+                       str(tmp_path / "o3")])
+    assert code != 0 and "none of the 2 listed images exist" in text
+    assert not (tmp_path / "o3" / "detections.json").exists()
+
+
+@pytest.mark.parametrize("case", ["missing_model", "wrong_model", "corrupt_single_image",
+                                  "unreadable_video", "missing_input"])
+def test_bad_input_is_one_clear_error_and_no_output(tmp_path, tiny, spec_file, case):
+    img = tmp_path / "ok.png"
+    cv2.imwrite(str(img), np.zeros((20, 20, 3), np.uint8))
+    model, itype, inp = str(tiny), "image", str(img)
+    if case == "missing_model":
+        model = str(tmp_path / "nope.keras")
+    elif case == "wrong_model":
+        model = str(tmp_path / "wrong.keras")
+        Path(model).write_text("this is text")
+    elif case == "corrupt_single_image":
+        inp = str(tmp_path / "bad.jpg")
+        Path(inp).write_bytes(b"garbage")
+    elif case == "unreadable_video":
+        itype, inp = "video", str(tmp_path / "clip.mp4")
+        Path(inp).write_bytes(b"\x00\x01 not a video" * 100)
+    else:
+        inp = str(tmp_path / "absent.png")
+    out = tmp_path / "out"
+    code, text = _run(["-i", str(spec_file), "-m", model, "--input_type", itype, "--input", inp,
+                       "-r", str(out)])
+    assert code != 0
+    lines = [ln for ln in text.strip().splitlines() if "error" in ln]
+    assert len(lines) == 1 and lines[0].startswith("bpnet inference: error:"), text
+    assert "Traceback" not in text
+    assert not (out / "detections.json").exists()
+    assert json.loads((out / "status.json").read_text())["status"] == "FAILURE"
+
+
+def test_video_file_writes_tracks_frames_and_annotated_video(tmp_path, tiny, spec_file):
+    clip = tmp_path / "clip.avi"
+    vw = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 10, (96, 64))
+    for k in range(7):
+        frame = np.full((64, 96, 3), 40, np.uint8)
+        cv2.circle(frame, (20 + 8 * k, 32), 10, (255, 255, 255), -1)
+        vw.write(frame)
+    vw.release()
+    out = tmp_path / "out"
+    code, text = _run(["-i", str(spec_file), "-m", str(tiny), "--input_type", "video",
+                       "--input", str(clip), "-r", str(out), "--dump_visualizations",
+                       "--batch_size", "3"])
+    assert code == 0, text
+    lines = (out / "clip_frames.jsonl").read_text().strip().splitlines()
+    assert [json.loads(ln)["frame"] for ln in lines] == list(range(7))
+    det = json.loads((out / "detections.json").read_text())
+    assert len(det["images"]) == 7 and all("track_ids" in e for e in det["images"])
+    cap = cv2.VideoCapture(str(out / "images_annotated" / "clip_annotated.mp4"))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    assert n == 7
+    assert not list((out / "images_annotated").glob(".*partial*"))
+    # --max_frames stops early.
+    code, _ = _run(["-i", str(spec_file), "-m", str(tiny), "--input_type", "video",
+                    "--input", str(clip), "-r", str(tmp_path / "out2"), "--max_frames", "2"])
+    assert code == 0
+    assert len((tmp_path / "out2" / "clip_frames.jsonl").read_text().strip().splitlines()) == 2
+
+
+# ------------------------------------------------------------------ the real network
+
+@pytest.fixture(scope="session")
+def mobilenet_thin(tmp_path_factory):
+    need(TFPOSE_PB)
+    from bpnet.import_model import import_model
+    path = tmp_path_factory.mktemp("mnt") / "mobilenet_thin.keras"
+    import_model("tfpose", TFPOSE_PB, path)
+    return path
+
+
+def _upright(person, pose):
+    """Head above hips above ankles, where present (image y grows downwards)."""
+    idx = {n: i for i, n in enumerate(pose.keypoints)}
+    kp = np.asarray(person)
+    checks = []
+    for upper, lower in (("nose", "right_hip"), ("nose", "left_hip"), ("neck", "right_ankle"),
+                         ("neck", "left_ankle"), ("right_hip", "right_ankle"),
+                         ("left_hip", "left_ankle")):
+        a, b = kp[idx[upper]], kp[idx[lower]]
+        if a[2] > 0 and b[2] > 0:
+            checks.append(a[1] < b[1])
+    return checks
+
+
+def test_real_network_finds_people_on_real_photos(tmp_path, mobilenet_thin):
+    need(SHARED_IMAGES)
+    from bpnet.infer.predictor import Predictor
+    from bpnet.infer.preprocess import read_image
+    spec = InferenceSpec(input_shape=[368, 368], keep_aspect_ratio_mode="adjust_network_input")
+    pred = Predictor(spec, model_path=mobilenet_thin)
+    files = sorted(p for p in SHARED_IMAGES.iterdir() if p.suffix.lower() in (".jpg", ".png"))
+    assert len(files) == 5
+    upright = []
+    for f in files:
+        img = read_image(f)
+        people, _ = pred.predict(img)
+        assert len(people) >= 1, f"nobody found in {f.name}"
+        h, w = img.shape[:2]
+        for n in range(len(people)):
+            kp = people.keypoints[n]
+            present = kp[:, 2] > 0
+            assert present.sum() >= 4
+            x0, y0, x1, y1 = people.boxes[n]
+            # A person is a person-sized thing inside the picture, not a speck or the frame.
+            assert 0 <= x0 <= x1 <= w - 1 and 0 <= y0 <= y1 <= h - 1
+            assert (y1 - y0) > 0.05 * h
+            upright.extend(_upright(kp, pred.pose))
+    assert np.mean(upright) > 0.95, "joints must be in anatomical order on upright people"
+    # Group photos: several people in ski.jpg and apink2.jpg (by eye: 5 and 4 or more).
+    counts = {f.name: len(pred.predict(read_image(f))[0]) for f in files
+              if f.name in ("ski.jpg", "apink2.jpg")}
+    assert counts["ski.jpg"] >= 4 and counts["apink2.jpg"] >= 3, counts
+
+
+def test_real_network_flip_and_multiscale_agree_with_single_scale(mobilenet_thin):
+    need(SHARED_IMAGES)
+    from bpnet.infer.predictor import Predictor
+    from bpnet.infer.preprocess import read_image
+    img = read_image(SHARED_IMAGES / "golf.jpg")
+    base = Predictor(InferenceSpec(), model_path=mobilenet_thin).predict(img)[0]
+    rich = Predictor(InferenceSpec(multi_scale_inference=True, scales=[0.75, 1.0, 1.25],
+                                   flip_test=True), model_path=mobilenet_thin).predict(img)[0]
+    assert len(base) >= 1 and len(rich) >= 1
+    # The main person is found at the same place by both (within a few % of the picture).
+    err = _errors(rich.keypoints[:1], base.keypoints[:1])
+    assert err[0] < 0.03 * max(img.shape[:2]), err
+
+
+def test_real_network_on_demo_video_keeps_ids(tmp_path, mobilenet_thin):
+    need(DEMO_VIDEO)
+    spec = tmp_path / "s.yaml"
+    spec.write_text("input_shape: [368, 368]\nkeep_aspect_ratio_mode: adjust_network_input\n")
+    out = tmp_path / "out"
+    code, text = _run(["-i", str(spec), "-m", str(mobilenet_thin), "--input_type", "video",
+                       "--input", str(DEMO_VIDEO), "-r", str(out), "--dump_visualizations"])
+    assert code == 0, text
+    frames = [json.loads(ln) for ln in (out / "demo_frames.jsonl").read_text().splitlines()]
+    assert len(frames) == 5
+    assert all(len(f["people"]) >= 3 for f in frames)
+    # Each id follows one person: its box centre moves little from frame to frame.
+    tracks = {}
+    for f in frames:
+        for p in f["people"]:
+            x0, y0, x1, y1 = p["box"]
+            tracks.setdefault(p["id"], []).append((f["frame"], (x0 + x1) / 2, (y0 + y1) / 2))
+    long_tracks = [t for t in tracks.values() if len(t) >= 4]
+    assert len(long_tracks) >= 3, tracks
+    for t in tracks.values():
+        for (f0, x0, y0), (f1, x1, y1) in zip(t, t[1:]):
+            assert np.hypot(x1 - x0, y1 - y0) < 60 * (f1 - f0), t
+    # Few ids in all: people are not re-numbered from frame to frame.
+    assert len(tracks) <= max(len(f["people"]) for f in frames) + 2
+    assert (out / "images_annotated" / "demo_annotated.mp4").stat().st_size > 0
