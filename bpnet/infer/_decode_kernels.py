@@ -346,7 +346,7 @@ def group_people(px, py, pj, start, paf, skeleton, paf_threshold, min_pass_fract
     return slots[idx], lsum[idx], lcnt[idx]
 
 
-def merge_fragments(slots, lsum, lcnt, px, py, skeleton, hops, max_hops, max_ratio):
+def merge_fragments(slots, lsum, lcnt, eligible, px, py, skeleton, hops, max_hops, max_ratio):
     """Join pieces of one person that no limb links (in place on slots).
 
     A person whose labeled joints do not form a connected part of the
@@ -356,7 +356,9 @@ def merge_fragments(slots, lsum, lcnt, px, py, skeleton, hops, max_hops, max_rat
     b of the other, at most max_hops limbs apart in the skeleton, lie
     closer than max_ratio * hops(a, b) * scale, scale being the mean limb
     length of the two (people with no limb take the other's). Pairs are
-    merged best (smallest ratio) first, re-checking joint overlap.
+    merged best (smallest ratio) first, re-checking joint overlap. Only
+    people marked eligible take part (the caller leaves out noise-level
+    ones, so a weak stray peak is not glued onto a body).
 
     Limb sums and counts (lsum, lcnt) follow the merges. Returns a [N]
     bool array: the people still alive.
@@ -382,7 +384,11 @@ def merge_fragments(slots, lsum, lcnt, px, py, skeleton, hops, max_hops, max_rat
     pr_ = np.empty(cap, np.float64)
     m = 0
     for p in range(N):
+        if not eligible[p]:
+            continue
         for q in range(p + 1, N):
+            if not eligible[q]:
+                continue
             s = scale[p]
             if scale[q] > s:
                 s = scale[q]

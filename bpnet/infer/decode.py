@@ -56,7 +56,7 @@ DEFAULTS = dict(
     min_person_score=0.4,
     small_person_score=0.8,
     completeness=3.0,
-    merge_max_hops=2,
+    merge_max_hops=4,
     merge_ratio=1.0,
 )
 
@@ -143,17 +143,11 @@ def numba_available() -> bool:
     return True
 
 
-def _person_scores(joint_sum, njoint, limb_sum, nlimb, num_joints, completeness):
-    """Ranking score: mean confidence times a saturating completeness term.
-
-    The mean of joint and limb scores says how sure each part is; the factor
-    1 - exp(-n / completeness) (n detected joints) keeps a lone strong peak
-    below a whole body, so that when a person is split in two its fragment
-    ranks under real people, while small people (COCO has many with 1-4
-    labeled joints) are still reported.
-    """
-    mean = (joint_sum + limb_sum) / np.maximum(njoint + nlimb, 1)
-    return mean, mean * (1.0 - np.exp(-njoint / completeness))
+def _mean_confidence(slots, pv, lsum, lcnt):
+    """Mean of a person's joint (peak) and limb (PAF) scores."""
+    has = slots >= 0
+    jsum = np.where(has, pv[np.where(has, slots, 0)], 0.0).sum(1)
+    return (jsum + lsum) / np.maximum(has.sum(1) + lcnt, 1)
 
 
 def decode(heatmaps, pafs, pose, stride: float = 8, heatmap_threshold: float = 0.1,
@@ -206,15 +200,21 @@ def decode(heatmaps, pafs, pose, stride: float = 8, heatmap_threshold: float = 0
     slots, lsum, lcnt = group(px, py, pj, start, pafs, skel, float(paf_threshold),
                               float(p["min_pass_fraction"]), int(p["min_samples"]),
                               int(p["max_samples"]), max_len, float(p["length_weight"]))
+    mean = _mean_confidence(slots, pv, lsum, lcnt)
     if p["merge_ratio"] > 0 and slots.shape[0] > 1:
-        alive = merge(slots, lsum, lcnt, px, py, skel, _hops(pose), int(p["merge_max_hops"]),
-                      float(p["merge_ratio"]))
+        alive = merge(slots, lsum, lcnt, mean >= p["min_person_score"], px, py, skel,
+                      _hops(pose), int(p["merge_max_hops"]), float(p["merge_ratio"]))
         slots, lsum, lcnt = slots[alive], lsum[alive], lcnt[alive]
+        mean = _mean_confidence(slots, pv, lsum, lcnt)
     has = slots >= 0
     idx = np.where(has, slots, 0)
     jv = np.where(has, pv[idx], 0.0)
     nj = has.sum(1)
-    mean, rank = _person_scores(jv.sum(1), nj, lsum, lcnt, J, float(p["completeness"]))
+    # Ranking score: the saturating completeness factor keeps a lone strong
+    # peak below a whole body, so a fragment of a split person ranks under
+    # real people while small people (COCO has many with 1-4 labeled
+    # joints) are still reported.
+    rank = mean * (1.0 - np.exp(-nj / float(p["completeness"])))
     keep = np.where(nj >= p["min_parts"], mean >= p["min_person_score"],
                     mean >= p["small_person_score"])
     if not keep.any():
