@@ -280,3 +280,33 @@ def test_mismatched_maps_are_a_clear_error():
         decode(heat, np.zeros((10, 11, 38)), POSE)
     with pytest.raises(TypeError, match="unknown parameters"):
         decode(heat, np.zeros((10, 10, 38)), POSE, min_prats=3)
+
+
+def test_pieces_of_one_person_are_merged_but_neighbours_stay_apart():
+    # Legs and arms but no shoulders: no neck, so no limb links the pieces.
+    p = one_person(cx=100.0)
+    p[[0, 1, 2, 5, 14, 15, 16, 17], 2] = 0
+    far = one_person(cx=300.0)
+    heat, paf = render_labels(np.stack([p, far]), POSE, (256, 420))
+    out = decode(heat, paf, POSE)
+    assert out.present().sum(1).tolist() == [18, 10]
+    assert (match_people(np.stack([p, far]), out, tol=0.5) == 1.0).all()
+    pieces = decode(heat, paf, POSE, merge_ratio=0)
+    assert len(pieces) == 5  # the far person, two legs, two arms
+    # Two small people side by side (a head each) are not glued together.
+    heads = np.zeros((2, 18, 3), np.float32)
+    for n, cx in enumerate((60.0, 200.0)):
+        heads[n, [0, 14, 15], :] = [[cx, 50, 2], [cx - 6, 44, 2], [cx + 6, 44, 2]]
+    out = decode(*render_labels(heads, POSE, (120, 260)), POSE)
+    assert out.present().sum(1).tolist() == [3, 3]
+
+
+def test_works_without_numba(monkeypatch):
+    import sys
+    import bpnet.infer.decode as D
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ImportError
+    monkeypatch.setattr(D, "_kernels", None)
+    heat, paf = render_labels(one_person()[None], POSE, (256, 200))
+    out = decode(heat, paf, POSE)
+    assert D._kernels[0] is K.find_peaks_numpy
+    assert len(out) == 1 and out.present().sum() == 18

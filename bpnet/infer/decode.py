@@ -24,11 +24,18 @@ Algorithm, on maps at stride s (cell i is centred on input pixel
    score; a limb is accepted when neither end already has a limb of that
    type and merging the two ends' people repeats no joint. Peaks left
    alone form one-joint people.
-4. Scores and filtering: a person's score is the mean of its joint and
-   limb scores, weighted by how complete it is (see ``_person_scores``);
-   people with at least ``min_parts`` joints are kept when their mean
-   confidence reaches ``min_person_score``, smaller ones only when it
-   reaches ``small_person_score``.
+4. Fragments: a person whose labeled joints are not linked by the skeleton
+   (legs without a neck, a wrist without its elbow: 16% of COCO's persons)
+   comes out in pieces with no PAF between them. Pieces with no joint in
+   common are merged, closest first, when two of their joints at most
+   ``merge_max_hops`` limbs apart lie within ``merge_ratio`` x hops x
+   their mean limb length; noise-level pieces (mean confidence under
+   ``min_person_score``) take no part.
+5. Scores: a person's confidence is the mean of its joint (peak) and limb
+   (PAF) scores; people with at least ``min_parts`` joints are kept when it
+   reaches ``min_person_score``, smaller ones only when it reaches
+   ``small_person_score``. The reported score, used for ranking (COCO AP),
+   is the confidence times ``1 - exp(-joints / completeness)``.
 """
 
 from __future__ import annotations
@@ -158,11 +165,18 @@ def decode(heatmaps, pafs, pose, stride: float = 8, heatmap_threshold: float = 0
     heatmaps: [h, w, J] or [h, w, J+1] (a last background channel is
     ignored); pafs: [h, w, 2E] (x then y per limb of pose.skeleton); pose: a
     PoseConfig; stride: input pixels per map cell (8 for the network's own
-    maps, 8/f for maps upsampled by f). Other parameters, see DEFAULTS:
-    refine ("gaussian", "quadratic", "none"), min_pass_fraction,
-    min_samples, max_samples, max_limb_length (cells; None = the map's
-    larger side), length_weight, min_parts, min_person_score,
-    small_person_score, completeness.
+    maps, 8/f for maps upsampled by f); cell i maps to pixel
+    ``i*stride + (stride-1)/2``. heatmap_threshold: the least peak value;
+    paf_threshold: the least PAF projection for a limb sample to pass.
+    Other parameters (defaults in DEFAULTS; lengths in map cells): refine
+    ("gaussian", "quadratic", "none"), min_pass_fraction, min_samples,
+    max_samples, max_limb_length (None = the map's larger side),
+    length_weight (tie-break towards shorter limbs), min_parts,
+    min_person_score, small_person_score, completeness, merge_max_hops,
+    merge_ratio (0 turns fragment merging off). use_numba: None = use it
+    when installed (and BPNET_NO_NUMBA is not set).
+
+    Returns People sorted by decreasing score.
     """
     unknown = set(params) - set(DEFAULTS)
     if unknown:
@@ -181,6 +195,8 @@ def decode(heatmaps, pafs, pose, stride: float = 8, heatmap_threshold: float = 0
         raise BpnetError(f"pafs must be [{heatmaps.shape[0]}, {heatmaps.shape[1]}, {2 * E}] "
                          f"for pose config {pose.name!r}, got {pafs.shape}: the model and the "
                          "pose config do not match")
+    if not stride > 0:
+        raise ValueError(f"stride must be positive, got {stride}")
     if p["refine"] not in _REFINE:
         raise ValueError(f"refine must be one of {sorted(_REFINE)}, got {p['refine']!r}")
     heatmaps = np.ascontiguousarray(heatmaps, dtype=np.float32)
