@@ -138,6 +138,8 @@ def run_inference(inference_spec, model_filename=None, input_type="dir", input_p
     # Check inputs before paying for the model load.
     items, skipped = ([], []) if input_type == "video" else collect_inputs(
         input_type, input_path, image_root_path)
+    if input_type == "video" and not _is_webcam(input_path) and not Path(input_path).is_file():
+        raise BpnetError(f"--input {input_path}: video file not found")
     predictor = Predictor(spec, model_path=model_filename, key=key, batch_size=batch_size)
     spec_doc = _spec_doc(predictor, inference_spec)
     if input_type == "video":
@@ -244,10 +246,14 @@ def _summary(n, n_skipped, n_people, times, wall) -> dict:
 
 # ----------------------------------------------------------------- video
 
+def _is_webcam(source) -> bool:
+    return str(source).strip().isdigit() and not Path(str(source)).exists()
+
+
 def open_video(source: str):
     """cv2.VideoCapture for a file or a webcam index; BpnetError if it cannot be read."""
     import cv2
-    is_cam = str(source).strip().isdigit() and not Path(str(source)).exists()
+    is_cam = _is_webcam(source)
     if is_cam:
         cap = cv2.VideoCapture(int(source))
         if not cap.isOpened():
