@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bpnet.data.labels import render_labels  # noqa: E402
-from bpnet.infer.decode import decode  # noqa: E402
+from bpnet.infer.decode import decode, numba_available  # noqa: E402
 from bpnet.pose import load_pose_config  # noqa: E402
 
 DEFAULT_ANN = REPO.parent / "shared" / "data" / "coco_val_annotations" / \
@@ -134,12 +134,16 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--param", action="append", default=[],
                     help="decoder parameter NAME=VALUE (repeatable), e.g. min_parts=4")
+    ap.add_argument("--no_numba", action="store_true",
+                    help="time the pure NumPy/Python fallback instead of numba's kernels")
     args = ap.parse_args(argv)
 
     kw = {}
     for item in args.param:
         k, _, v = item.partition("=")
         kw[k] = json.loads(v) if v not in ("gaussian", "quadratic", "none") else v
+    if args.no_numba:
+        kw["use_numba"] = False
 
     pose = load_pose_config(args.pose_config)
     coco, mapping, cat_id, images = load_gt(args.annotations, pose)
@@ -180,6 +184,7 @@ def main(argv=None):
            "ms_30_people": round(float(np.median(t30)) * 1000.0, 3)}
     if kw:
         out["params"] = kw
+    out["numba"] = not args.no_numba and numba_available()
     print(json.dumps(out))
     if len(people30) != len(joints30):
         print(f"note: the 30-person scene decoded to {len(people30)} people", file=sys.stderr)

@@ -1,11 +1,13 @@
 """Inner loops of the PAF decoder (see decode.py for the algorithm).
 
-Each kernel is one self-contained function of arrays and scalars that calls
-no other function of ours, so the very same source runs either compiled by
-numba (``numba.njit(cache=True)`` in decode.py) or as plain Python. Without
-numba, peak finding uses the vectorized NumPy twin ``find_peaks_numpy``
-(a Python loop over every cell would be far too slow) and the grouping
-kernel runs as Python, which is slower but gives identical people.
+Each ``*_loop``/plain kernel is one self-contained function of arrays and
+scalars that calls no other function of ours, so the very same source runs
+either compiled by numba (``numba.njit(cache=True)`` in decode.py) or as
+plain Python. Without numba, the two kernels that touch every cell or every
+candidate pair have vectorized NumPy twins (``find_peaks_numpy``,
+``score_limbs_numpy``: a Python loop there would be far too slow), and the
+grouping kernels, which only see the few kept candidates, run as Python.
+Both paths give the same people.
 
 Coordinates here are in map cells (fractional after refinement).
 """
@@ -169,30 +171,23 @@ def find_peaks_numpy(heat, num_joints, threshold, refine):
     return xs + offs[0], ys + offs[1], pv, js.astype(np.int64), start
 
 
-def group_people(px, py, pj, start, paf, skeleton, paf_threshold, min_pass_fraction,
-                 min_samples, max_samples, max_length, length_weight):
-    """Score every candidate limb on the PAFs, then assemble people greedily.
+def score_limbs_loop(px, py, start, paf, skeleton, paf_threshold, min_pass_fraction,
+                     min_samples, max_samples, max_length, length_weight):
+    """Score every candidate limb on the PAFs.
 
-    A candidate limb joins a peak of the limb's first joint to one of its
-    second; it is sampled at n points strictly inside the segment (n grows
-    with its length), each sample is the bilinear PAF dotted with the unit
-    segment direction, and it is kept when at least min_pass_fraction of
-    the samples exceed paf_threshold and the mean is positive. All kept
-    candidates of all limbs are then taken in one global order of
-    decreasing score (ties: shorter first): a candidate is accepted when
-    neither of its peaks already has a limb of that type and joining its
-    two peaks' people creates no joint twice. Accepting merges the two
-    people (or starts one), so the result does not depend on limb order
-    and cycles in the skeleton (ear-shoulder) are harmless.
+    A candidate joins a peak of the limb's first joint to one of its second;
+    it is sampled at n points strictly inside the segment (n = its length in
+    cells + 1, clipped to [min_samples, max_samples]), each sample is the
+    bilinear PAF dotted with the unit segment direction, and it is kept when
+    at least min_pass_fraction of the samples exceed paf_threshold and
+    their mean (the limb score) is positive.
 
-    Returns (slots [N, J] peak index or -1, limb score sum [N], limb count
-    [N]); every peak belongs to exactly one person (lone peaks form
-    one-joint people; the caller filters).
+    Returns the kept candidates (limb, peak a, peak b, score, sort key)
+    ordered by limb, a, b; the key is the score minus length_weight * length
+    (ties go to the shorter limb).
     """
     h, w = paf.shape[0], paf.shape[1]
     E = skeleton.shape[0]
-    J = start.shape[0] - 1
-    P = px.shape[0]
     cap = 0
     for k in range(E):
         ja = skeleton[k, 0]
@@ -267,8 +262,28 @@ def group_people(px, py, pj, start, paf, skeleton, paf_threshold, min_pass_fract
                 cs[nc] = score
                 ckey[nc] = score - length_weight * length
                 nc += 1
-    order = np.argsort(-ckey[:nc], kind="mergesort")
+    return ck[:nc], ca[:nc], cb[:nc], cs[:nc], ckey[:nc]
 
+
+def assemble_people(ck, ca, cb, cs, ckey, pj, num_peaks, num_joints, skeleton):
+    """Greedy grouping of scored limbs into people.
+
+    All candidates of all limbs are taken in one global order of decreasing
+    key: a candidate is accepted when neither of its peaks already has a
+    limb of that type and joining its two peaks' people creates no joint
+    twice. Accepting merges the two people (or starts one), so the result
+    does not depend on limb order and cycles in the skeleton (ear-shoulder)
+    are harmless.
+
+    Returns (slots [N, J] peak index or -1, limb score sum [N], limb count
+    [N]); every peak belongs to exactly one person (lone peaks form
+    one-joint people; the caller filters).
+    """
+    E = skeleton.shape[0]
+    J = num_joints
+    P = num_peaks
+    nc = ck.shape[0]
+    order = np.argsort(-ckey, kind="mergesort")
     owner = np.full(P, -1, np.int64)
     used = np.zeros((E, P), np.bool_)
     slots = np.full((P, J), -1, np.int64)
@@ -345,6 +360,84 @@ def group_people(px, py, pj, start, paf, skeleton, paf_threshold, min_pass_fract
     idx = np.nonzero(keep)[0]
     return slots[idx], lsum[idx], lcnt[idx]
 
+
+def _paf_dots(px, py, a, k, dx, dy, ux, uy, n, i, paf):
+    """PAF . direction at samples i [pairs, m] (i < n) of each candidate,
+    with exactly score_limbs_loop's arithmetic; unused entries are 0."""
+    h, w = paf.shape[0], paf.shape[1]
+    valid = i < n[:, None]
+    t = (i + 0.5) / n[:, None]
+    sx = px[a][:, None] + t * dx[:, None]
+    sy = py[a][:, None] + t * dy[:, None]
+    x0 = np.floor(sx).astype(np.int64)
+    y0 = np.floor(sy).astype(np.int64)
+    fx = sx - x0
+    fy = sy - y0
+    vx = np.zeros(sx.shape)
+    vy = np.zeros(sx.shape)
+    kk = np.broadcast_to(2 * k[:, None], sx.shape)
+    for oy in range(2):
+        yy = y0 + oy
+        wy = fy if oy == 1 else 1.0 - fy
+        for ox in range(2):
+            xx = x0 + ox
+            inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+            yc = np.clip(yy, 0, h - 1)
+            xc = np.clip(xx, 0, w - 1)
+            wt = np.where(inside, wy * (fx if ox == 1 else 1.0 - fx), 0.0)
+            vx = vx + wt * paf[yc, xc, kk]
+            vy = vy + wt * paf[yc, xc, kk + 1]
+    d = vx * ux[:, None] + vy * uy[:, None]
+    return np.where(valid, d, 0.0), valid
+
+
+def score_limbs_numpy(px, py, start, paf, skeleton, paf_threshold, min_pass_fraction,
+                      min_samples, max_samples, max_length, length_weight):
+    """Vectorized twin of score_limbs_loop (same candidates, same order and,
+    summing in the same order, the same scores)."""
+    ks, As, Bs = [], [], []
+    for k in range(skeleton.shape[0]):
+        ja, jb = int(skeleton[k, 0]), int(skeleton[k, 1])
+        a = np.arange(start[ja], start[ja + 1])
+        b = np.arange(start[jb], start[jb + 1])
+        if a.size and b.size:
+            aa, bb = np.meshgrid(a, b, indexing="ij")
+            As.append(aa.ravel())
+            Bs.append(bb.ravel())
+            ks.append(np.full(aa.size, k, np.int64))
+    empty_i = np.zeros(0, np.int64)
+    empty_f = np.zeros(0, np.float64)
+    if not ks:
+        return empty_i, empty_i, empty_i, empty_f, empty_f
+    k, a, b = np.concatenate(ks), np.concatenate(As), np.concatenate(Bs)
+    dx = px[b] - px[a]
+    dy = py[b] - py[a]
+    length = np.sqrt(dx * dx + dy * dy)
+    n = np.clip(np.ceil(length).astype(np.int64) + 1, min_samples, max_samples)
+    allowed = n - np.ceil(min_pass_fraction * n - 1e-9).astype(np.int64)
+    ok = (length <= max_length) & (length >= 1e-6)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ux = dx / length
+        uy = dy / length
+    # First 5 spread-out samples: a pair failing more of them than it may
+    # fail in all is out (most wrong pairs), and is never sampled in full.
+    j = np.arange(5)
+    i5 = np.where(n[:, None] >= 5, ((j + 0.5) * n[:, None] / 5).astype(np.int64), j)
+    sel = np.nonzero(ok)[0]
+    d5, v5 = _paf_dots(px, py, a[sel], k[sel], dx[sel], dy[sel], ux[sel], uy[sel], n[sel],
+                       i5[sel], paf)
+    sel = sel[(v5 & ~(d5 > paf_threshold)).sum(1) <= allowed[sel]]
+    if sel.size == 0:
+        return empty_i, empty_i, empty_i, empty_f, empty_f
+    i = np.broadcast_to(np.arange(int(n[sel].max())), (sel.size, int(n[sel].max())))
+    d, valid = _paf_dots(px, py, a[sel], k[sel], dx[sel], dy[sel], ux[sel], uy[sel], n[sel],
+                         i, paf)
+    total = np.cumsum(d, axis=1)[:, -1]  # sequential, as in the loop
+    fails = (valid & ~(d > paf_threshold)).sum(1)
+    score = total / n[sel]
+    keep = (fails <= allowed[sel]) & (score > 0.0)
+    sel = sel[keep]
+    return k[sel], a[sel], b[sel], score[keep], score[keep] - length_weight * length[sel]
 
 def merge_fragments(slots, lsum, lcnt, eligible, px, py, skeleton, hops, max_hops, max_ratio):
     """Join pieces of one person that no limb links (in place on slots).

@@ -125,20 +125,23 @@ def _use_numba_default() -> bool:
 
 
 def _get_kernels(use_numba: Optional[bool]):
-    """(find_peaks, group_people): numba-compiled when asked and available."""
+    """(find_peaks, score_limbs, assemble, merge): numba-compiled when asked
+    and available, else the NumPy twins and the plain-Python kernels."""
     global _kernels
+    slow = (K.find_peaks_numpy, K.score_limbs_numpy, K.assemble_people, K.merge_fragments)
     if use_numba is None:
         use_numba = _use_numba_default()
     if not use_numba:
-        return K.find_peaks_numpy, K.group_people, K.merge_fragments
+        return slow
     if _kernels is None:
         try:
             import numba
         except ImportError:
-            _kernels = (K.find_peaks_numpy, K.group_people, K.merge_fragments)
+            _kernels = slow
         else:
             jit = numba.njit(cache=True, nogil=True)
-            _kernels = (jit(K.find_peaks_loop), jit(K.group_people), jit(K.merge_fragments))
+            _kernels = (jit(K.find_peaks_loop), jit(K.score_limbs_loop),
+                        jit(K.assemble_people), jit(K.merge_fragments))
     return _kernels
 
 
@@ -201,7 +204,7 @@ def decode(heatmaps, pafs, pose, stride: float = 8, heatmap_threshold: float = 0
         raise ValueError(f"refine must be one of {sorted(_REFINE)}, got {p['refine']!r}")
     heatmaps = np.ascontiguousarray(heatmaps, dtype=np.float32)
     pafs = np.ascontiguousarray(pafs, dtype=np.float32)
-    find_peaks, group, merge = _get_kernels(use_numba)
+    find_peaks, score_limbs, assemble, merge = _get_kernels(use_numba)
 
     h, w = heatmaps.shape[:2]
     if h == 0 or w == 0:
@@ -213,9 +216,10 @@ def decode(heatmaps, pafs, pose, stride: float = 8, heatmap_threshold: float = 0
     skel = _skeleton_array(pose)
     max_len = p["max_limb_length"]
     max_len = float(max(h, w) if max_len is None else max_len)
-    slots, lsum, lcnt = group(px, py, pj, start, pafs, skel, float(paf_threshold),
-                              float(p["min_pass_fraction"]), int(p["min_samples"]),
-                              int(p["max_samples"]), max_len, float(p["length_weight"]))
+    cand = score_limbs(px, py, start, pafs, skel, float(paf_threshold),
+                       float(p["min_pass_fraction"]), int(p["min_samples"]),
+                       int(p["max_samples"]), max_len, float(p["length_weight"]))
+    slots, lsum, lcnt = assemble(*cand, pj, px.shape[0], J, skel)
     mean = _mean_confidence(slots, pv, lsum, lcnt)
     if p["merge_ratio"] > 0 and slots.shape[0] > 1:
         alive = merge(slots, lsum, lcnt, mean >= p["min_person_score"], px, py, skel,
