@@ -121,13 +121,22 @@ def _is_num(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _numbers(values) -> Optional[np.ndarray]:
+    """A flat list of numbers as float64, or None if it holds anything else."""
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return arr if arr.ndim == 1 else None
+
+
 def _check_segmentation(seg, h: int, w: int) -> Optional[str]:
     if isinstance(seg, list):
         for poly in seg:
-            if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2 \
-                    or not all(_is_num(v) for v in poly):
+            arr = _numbers(poly) if isinstance(poly, list) else None
+            if arr is None or len(arr) < 6 or len(arr) % 2:
                 return "polygon segmentation must be lists of >= 3 x,y number pairs"
-            if not all(math.isfinite(v) for v in poly):
+            if not np.isfinite(arr).all():
                 return "polygon segmentation has NaN or infinite coordinates"
         return None
     if isinstance(seg, dict):
@@ -137,8 +146,9 @@ def _check_segmentation(seg, h: int, w: int) -> Optional[str]:
         if [int(size[0]), int(size[1])] != [h, w]:
             return f"RLE size {size} differs from the image size [{h}, {w}]"
         if isinstance(counts, list):
-            if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != h * w:
-                return "uncompressed RLE counts must be non-negative and sum to height*width"
+            arr = _numbers(counts)
+            if arr is None or (arr != np.round(arr)).any() or (arr < 0).any() or arr.sum() != h * w:
+                return "uncompressed RLE counts must be non-negative integers summing to height*width"
         elif not isinstance(counts, str):
             return "RLE 'counts' must be a list of ints or a compressed string"
         return None
@@ -183,6 +193,7 @@ def parse_coco(doc: dict, source: str, category, visibility: Dict[int, int],
     for k, v in visibility.items():
         if k >= 0:
             table[k] = v
+    cands = []  # persons whose keypoints are checked and mapped together below
     for i, a in enumerate(doc["annotations"]):
         if not isinstance(a, dict):
             probs.add(f"annotations[{i}] is not an object")
@@ -224,36 +235,47 @@ def parse_coco(doc: dict, source: str, category, visibility: Dict[int, int],
             probs.add(f"{where}: keypoints has {n} values, expected {3 * num_kpts} "
                       f"({num_kpts} keypoints x 3)")
             continue
-        if not all(_is_num(v) for v in kp):
+        flat = _numbers(kp)
+        if flat is None:
             probs.add(f"{where}: keypoints must be numbers")
             continue
-        arr = np.asarray(kp, dtype=np.float64).reshape(num_kpts, 3)
-        if not np.all(np.isfinite(arr)):
-            probs.add(f"{where}: keypoints contain NaN or infinite values")
-            continue
-        if np.any(arr[:, :2] < 0):
-            probs.add(f"{where}: keypoints have negative coordinates")
-            continue
-        vis = arr[:, 2]
-        if np.any(vis != np.round(vis)) or np.any(vis < 0) or np.any(vis >= len(table)) \
-                or np.any(table[np.clip(vis.astype(np.int64), 0, len(table) - 1)] < 0):
-            probs.add(f"{where}: visibility values {sorted(set(vis.tolist()))} are not all in the "
-                      f"dataset spec's visibility_flags {sorted(visibility)}")
-            continue
-        arr[:, 2] = table[vis.astype(np.int64)]
-        labeled = int((arr[:, 2] > 0).sum())
         area = a.get("area")
         if area is None:
             area = float(bb[2] * bb[3])
         elif not _is_num(area) or not math.isfinite(area) or area < 0:
             probs.add(f"{where}: area must be a non-negative number, got {area!r}")
             continue
-        if labeled == 0:
+        cands.append((im, aid, flat, float(area), bb, seg))
+    probs.raise_if_any("invalid annotations")
+    if not cands:
+        return [images[i] for i in order]
+
+    # Keypoints of all persons at once: per-annotation NumPy calls would dominate on COCO.
+    kps = np.stack([c[2] for c in cands]).reshape(len(cands), num_kpts, 3)
+    finite = np.isfinite(kps).all(axis=(1, 2))
+    kps[~finite] = 0
+    negative = (kps[:, :, :2] < 0).any(axis=(1, 2))
+    vis = kps[:, :, 2]
+    vis_ok = (vis == np.round(vis)) & (vis >= 0) & (vis < len(table))
+    codes = table[np.where(vis_ok, vis, 0).astype(np.int64)]
+    vis_ok = (vis_ok & (codes >= 0)).all(axis=1)
+    kps[:, :, 2] = np.maximum(codes, 0)
+    joints = mapping.dataset_to_model(kps.astype(np.float32))
+    labeled = (kps[:, :, 2] > 0).sum(axis=1)
+    for n, (im, aid, _, area, bb, seg) in enumerate(cands):
+        where = f"annotation id {aid}"
+        if not finite[n]:
+            probs.add(f"{where}: keypoints contain NaN or infinite values")
+        elif negative[n]:
+            probs.add(f"{where}: keypoints have negative coordinates")
+        elif not vis_ok[n]:
+            probs.add(f"{where}: visibility values {sorted(set(vis[n].tolist()))} are not all in "
+                      f"the dataset spec's visibility_flags {sorted(visibility)}")
+        elif labeled[n] == 0:
             im.unlabeled_segs.append(seg)
-            continue
-        joints = mapping.dataset_to_model(arr[None].astype(np.float32))[0]
-        im.persons.append(Person(aid, joints, labeled, float(area), bb))
-        im.labeled_segs.append(seg)
+        else:
+            im.persons.append(Person(aid, joints[n], int(labeled[n]), area, bb))
+            im.labeled_segs.append(seg)
     probs.raise_if_any("invalid annotations")
     return [images[i] for i in order]
 

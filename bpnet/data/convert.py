@@ -16,6 +16,7 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
+import posixpath
 import sys
 import tempfile
 from pathlib import Path
@@ -189,7 +190,9 @@ def dataset_convert(dataset_spec_path, output_filename, mode: str = "train", num
     conv_images = [im for im in images if im.id in per_image]
 
     # Check images before writing anything: all problems reported at once.
-    checks = [(str(images_dir / im.file_name), im.height, im.width, check_files) for im in conv_images]
+    img_dir = str(images_dir)
+    checks = [(os.path.join(img_dir, im.file_name), im.height, im.width, check_files)
+              for im in conv_images]
     if check_files:
         bad = [r for r in _map(_check_image, checks, workers, "checking images", status) if r]
     else:
@@ -206,6 +209,7 @@ def dataset_convert(dataset_spec_path, output_filename, mode: str = "train", num
                     "--generate_masks their records carry no loss mask", needs_mask)
 
     dataset_name = spec.dataset
+    rel_images, rel_masks, mask_dir = _relpath(images_dir, root), _relpath(masks_dir, root), str(masks_dir)
     jobs = []
     for im in conv_images:
         p = im.persons
@@ -214,12 +218,13 @@ def dataset_convert(dataset_spec_path, output_filename, mode: str = "train", num
         centers = np.stack([x.center for x in p]).astype(np.float32)
         mask_job, mask_rel = None, ""
         if generate_masks and im.needs_mask:
-            mask_abs = (masks_dir / im.file_name).with_suffix(".png")
-            mask_rel = _relpath(mask_abs, root)
-            mask_job = (str(mask_abs), im.crowd_segs, im.unlabeled_segs, im.labeled_segs)
+            mask_name = os.path.splitext(im.file_name)[0] + ".png"
+            mask_rel = posixpath.normpath(posixpath.join(rel_masks, mask_name))
+            mask_job = (os.path.join(mask_dir, mask_name), im.crowd_segs, im.unlabeled_segs,
+                        im.labeled_segs)
         meta = {"image_id": im.id, "height": im.height, "width": im.width,
-                "image_path": _relpath(images_dir / im.file_name, root), "mask_path": mask_rel,
-                "dataset": dataset_name, "pose_config": pose.name}
+                "image_path": posixpath.normpath(posixpath.join(rel_images, im.file_name)),
+                "mask_path": mask_rel, "dataset": dataset_name, "pose_config": pose.name}
         jobs.append((meta, joints, scales, centers, per_image[im.id], mask_job))
 
     # Outputs: partition by image (an image's duplicates stay in one fold),

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import re
 import struct
+import sys
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Sequence, Union
 
@@ -328,26 +329,43 @@ def parse_record(serialized):
     return f
 
 
-def _crc_table():
+def _crc_tables():
     poly = 0x82F63B78  # CRC-32C (Castagnoli), reflected
-    table = []
+    t0 = []
     for i in range(256):
         c = i
         for _ in range(8):
             c = (c >> 1) ^ poly if c & 1 else c >> 1
-        table.append(c)
-    return table
+        t0.append(c)
+    # Slicing-by-8: table k advances a byte through k further zero bytes.
+    tables = [t0]
+    for _ in range(7):
+        prev = tables[-1]
+        tables.append([(prev[i] >> 8) ^ t0[prev[i] & 0xFF] for i in range(256)])
+    return tables
 
 
-_CRC_TABLE = _crc_table()
+_CRC_TABLES = _crc_tables()
+_CRC_TABLE = _CRC_TABLES[0]
 
 
 def crc32c(data: bytes) -> int:
-    # Pure Python: about 0.1 ms per KiB, small next to mask rendering, and it
-    # keeps conversion workers free of TensorFlow.
-    crc, table = 0xFFFFFFFF, _CRC_TABLE
-    for b in data:
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    """CRC-32C of ``data``, pure Python (no TensorFlow, no compiled extension).
+
+    Eight bytes per step; about 0.1-0.2 ms per KiB, small next to mask
+    rendering, and it keeps conversion workers free of TensorFlow.
+    """
+    t0, t1, t2, t3, t4, t5, t6, t7 = _CRC_TABLES
+    crc = 0xFFFFFFFF
+    n = len(data) // 8 * 8 if sys.byteorder == "little" else 0
+    if n:
+        for q in memoryview(data)[:n].cast("Q"):
+            x = crc ^ (q & 0xFFFFFFFF)
+            hi = q >> 32
+            crc = (t7[x & 0xFF] ^ t6[(x >> 8) & 0xFF] ^ t5[(x >> 16) & 0xFF] ^ t4[x >> 24]
+                   ^ t3[hi & 0xFF] ^ t2[(hi >> 8) & 0xFF] ^ t1[(hi >> 16) & 0xFF] ^ t0[hi >> 24])
+    for b in data[n:]:
+        crc = t0[(crc ^ b) & 0xFF] ^ (crc >> 8)
     return crc ^ 0xFFFFFFFF
 
 
