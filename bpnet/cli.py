@@ -233,5 +233,31 @@ def inference_cmd(inference_spec, model_filename, input_type, input_path, image_
     run_task("inference", results_dir, log_level, body)
 
 
+@main.command("train")
+@click.option("-e", "--experiment_spec_file", required=True, type=click.Path(),
+              help="Train spec (YAML/JSON), e.g. specs/bpnet_train_sample.yaml.")
+@click.option("-r", "--results_dir", default=None, type=click.Path(file_okay=False),
+              help="Checkpoints, logs and the final model (overrides the spec's checkpoint_dir).")
+@click.option("-k", "--key", default=None, help="Encrypt saved model files (and read encrypted ones) with this key.")
+@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Data-parallel replicas on this machine (without GPUs: logical CPU devices).")
+@click.option("--use_amp", is_flag=True, help="Mixed precision (float16 compute, dynamic loss scaling).")
+@click.option("-ll", "--log_level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
+              show_default=True, callback=lambda c, p, v: v.upper(), help="Logging verbosity.")
+def train_cmd(experiment_spec_file, results_dir, key, gpus, use_amp, log_level):
+    """Train a model; re-running the same command resumes from the last checkpoint."""
+    from .train import status_dir_for
+    try:
+        out_dir, status_dir = status_dir_for(experiment_spec_file, results_dir)
+    except BpnetError as e:
+        _die("train", str(e))
+
+    def body(status):
+        from .train import train
+        return train(experiment_spec_file, out_dir, key=key, gpus=gpus, use_amp=use_amp,
+                     status=status).as_status()
+    run_task("train", status_dir, log_level, body)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
