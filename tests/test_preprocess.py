@@ -93,6 +93,15 @@ def test_pixel_formats_become_bgr8(tmp_path):
         to_bgr8(np.zeros((0, 5, 3), np.uint8))
 
 
+def test_normalization_is_rgb_over_scale_minus_offset():
+    bgr = np.zeros((1, 1, 3), np.uint8)
+    bgr[0, 0] = (10, 20, 30)  # B, G, R
+    n = Normalization((2.0, 4.0, 5.0), (1.0, 0.0, 0.5))
+    np.testing.assert_allclose(n.apply(bgr)[0, 0], [30 / 2 - 1, 20 / 4, 10 / 5 - 0.5])
+    gray = n.apply(bgr, channels=1)
+    assert gray.shape == (1, 1, 1)
+
+
 def test_read_image_handles_real_files_and_rejects_bad_ones(tmp_path):
     cv2.imwrite(str(tmp_path / "gray.png"), np.full((20, 30), 90, np.uint8))
     cv2.imwrite(str(tmp_path / "deep.png"), np.full((20, 30, 3), 40000, np.uint16))
