@@ -262,6 +262,11 @@ def test_output_format():
         assert np.allclose(out.boxes[n], [kp[:, 0].min(), kp[:, 1].min(),
                                           kp[:, 0].max(), kp[:, 1].max()])
     assert (match_people(people_gt, out, tol=0.5) == 1.0).all()
+    first = out[0]
+    assert len(first) == 1 and first.keypoints.shape == (1, 18, 3)
+    moved = out.transformed(2.0, 0.5, 10.0, -3.0)
+    np.testing.assert_allclose(moved.keypoints[..., 0], out.keypoints[..., 0] * 2 + 10, rtol=1e-6)
+    np.testing.assert_allclose(moved.boxes[:, 3], out.boxes[:, 3] * 0.5 - 3, rtol=1e-6)
     # Missing joints are all zero.
     gt = one_person()
     gt[[4, 7], 2] = 0

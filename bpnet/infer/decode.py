@@ -68,7 +68,7 @@ DEFAULTS = dict(
 )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class People:
     """Decoded people. keypoints [N, J, 3] (x, y, score) in input pixels,
     missing joints all 0; scores [N] person scores (higher = surer); boxes
@@ -100,6 +100,8 @@ class People:
         return People(kp, self.scores.copy(), _boxes(kp))
 
     def __getitem__(self, idx) -> "People":
+        if isinstance(idx, (int, np.integer)):
+            idx = slice(idx, idx + 1 if idx != -1 else None)
         return People(self.keypoints[idx], self.scores[idx], self.boxes[idx])
 
 
