@@ -373,6 +373,24 @@ def test_sample_converts_cleanly(sample, tmp_path):
     assert not [p for p in d.rglob(".*.tmp")]
 
 
+def test_rerun_overwrites_and_cleans_leftovers(sample, tmp_path):
+    d = _copy_sample(sample, tmp_path)
+    assert _run_cli(d, "--generate_masks").exit_code == 0
+    rec = d / "out" / "train-fold-000-of-001"
+    first = rec.read_bytes()
+    masks = sorted((d / "masks" / "train").glob("*.png"))
+    assert masks
+    # What a killed run leaves: hidden temporary files, and a damaged mask.
+    (d / "out" / ".train-fold-000-of-001.x1y2.tmp").write_bytes(b"half")
+    (d / "masks" / "train" / ".000000000001.png.abcd.tmp").write_bytes(b"half")
+    masks[0].write_bytes(b"broken")
+    assert _run_cli(d, "--generate_masks").exit_code == 0
+    assert rec.read_bytes() == first  # deterministic output
+    assert sorted(p.name for p in (d / "out").iterdir()) == [rec.name]
+    assert not list((d / "masks").rglob("*.tmp"))
+    assert read_mask(masks[0]).shape == (128, 128)
+
+
 def test_missing_annotation_file(sample, tmp_path):
     d = _copy_sample(sample, tmp_path)
     _ann(d).unlink()

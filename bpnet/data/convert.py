@@ -243,6 +243,15 @@ def dataset_convert(dataset_spec_path, output_filename, mode: str = "train", num
         target.append((p, fill[p] % shards))
         fill[p] += 1
 
+    # Leftovers of a killed run (hidden *.tmp files never look complete, but
+    # should not pile up either).
+    leftovers = list(prefix.parent.glob(f".{prefix.name}-fold-*.tmp"))
+    if generate_masks and masks_dir.is_dir():
+        leftovers += list(masks_dir.rglob(".*.png.*.tmp"))
+    for f in leftovers:
+        with contextlib.suppress(OSError):
+            f.unlink()
+
     written_masks: List[str] = []
     tmp_paths: Dict[Tuple[int, int], str] = {}
     writers: Dict[Tuple[int, int], object] = {}
