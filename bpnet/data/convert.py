@@ -207,6 +207,9 @@ def dataset_convert(dataset_spec_path, output_filename, mode: str = "train", num
     t_checked = time.perf_counter()
     needs_mask = sum(1 for im in conv_images if im.needs_mask)
     if generate_masks:
+        if os.path.abspath(masks_dir) == os.path.abspath(images_dir):
+            raise BpnetError(f"mask_root_dir_path and images_root_dir_path are the same folder "
+                             f"({images_dir}); masks would overwrite PNG images: use another folder")
         _probe_writable(masks_dir, "mask folder")
     elif needs_mask:
         log.warning("%d images have crowd regions or persons without keypoints; without "
