@@ -117,6 +117,14 @@ def test_numpy_fallback_gives_the_same_people(coco_gt):
         assert len(a) == len(b)
         np.testing.assert_allclose(a.keypoints, b.keypoints, atol=1e-4)
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
+    # Scoring limb pairs in small chunks changes nothing.
+    from bpnet.infer.decode import _skeleton_array
+    px, py, pv, pj, start = K.find_peaks_numpy(heat, 18, 0.1, K.REFINE_GAUSSIAN)
+    args = (px, py, start, paf, _skeleton_array(POSE), 0.05, 0.8, 4, 20, 100.0, 1e-6)
+    whole, chunked = K.score_limbs_numpy(*args), K.score_limbs_numpy(*args, chunk=30)
+    assert len(whole[0]) > 10
+    for x, y in zip(whole, chunked):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_upsampled_maps_decode_to_the_same_people(coco_gt):

@@ -188,11 +188,9 @@ def score_limbs_loop(px, py, start, paf, skeleton, paf_threshold, min_pass_fract
     """
     h, w = paf.shape[0], paf.shape[1]
     E = skeleton.shape[0]
-    cap = 0
-    for k in range(E):
-        ja = skeleton[k, 0]
-        jb = skeleton[k, 1]
-        cap += (start[ja + 1] - start[ja]) * (start[jb + 1] - start[jb])
+    # Kept candidates are few next to all pairs (which can reach millions on
+    # noisy maps with a low threshold): start small and grow by doubling.
+    cap = 64
     ck = np.empty(cap, np.int64)
     ca = np.empty(cap, np.int64)
     cb = np.empty(cap, np.int64)
@@ -256,6 +254,19 @@ def score_limbs_loop(px, py, start, paf, skeleton, paf_threshold, min_pass_fract
                 score = total / n
                 if not score > 0.0:
                     continue
+                if nc == cap:
+                    cap *= 2
+                    ck2 = np.empty(cap, np.int64)
+                    ca2 = np.empty(cap, np.int64)
+                    cb2 = np.empty(cap, np.int64)
+                    cs2 = np.empty(cap, np.float64)
+                    ckey2 = np.empty(cap, np.float64)
+                    ck2[:nc] = ck
+                    ca2[:nc] = ca
+                    cb2[:nc] = cb
+                    cs2[:nc] = cs
+                    ckey2[:nc] = ckey
+                    ck, ca, cb, cs, ckey = ck2, ca2, cb2, cs2, ckey2
                 ck[nc] = k
                 ca[nc] = a
                 cb[nc] = b
@@ -392,11 +403,16 @@ def _paf_dots(px, py, a, k, dx, dy, ux, uy, n, i, paf):
 
 
 def score_limbs_numpy(px, py, start, paf, skeleton, paf_threshold, min_pass_fraction,
-                      min_samples, max_samples, max_length, length_weight):
+                      min_samples, max_samples, max_length, length_weight, chunk=1 << 17):
     """Vectorized twin of score_limbs_loop (same candidates, same order and,
-    summing in the same order, the same scores)."""
+    summing in the same order, the same scores). Pairs are scored in chunks
+    of whole limbs of about ``chunk`` pairs, so memory stays bounded on
+    noisy maps with very many peaks."""
+    outs = []
     ks, As, Bs = [], [], []
-    for k in range(skeleton.shape[0]):
+    size = 0
+    E = skeleton.shape[0]
+    for k in range(E):
         ja, jb = int(skeleton[k, 0]), int(skeleton[k, 1])
         a = np.arange(start[ja], start[ja + 1])
         b = np.arange(start[jb], start[jb + 1])
@@ -405,11 +421,25 @@ def score_limbs_numpy(px, py, start, paf, skeleton, paf_threshold, min_pass_frac
             As.append(aa.ravel())
             Bs.append(bb.ravel())
             ks.append(np.full(aa.size, k, np.int64))
-    empty_i = np.zeros(0, np.int64)
-    empty_f = np.zeros(0, np.float64)
-    if not ks:
+            size += aa.size
+        if ks and (size >= chunk or k == E - 1):
+            outs.append(_score_pairs_numpy(np.concatenate(ks), np.concatenate(As),
+                                           np.concatenate(Bs), px, py, paf, paf_threshold,
+                                           min_pass_fraction, min_samples, max_samples,
+                                           max_length, length_weight))
+            ks, As, Bs = [], [], []
+            size = 0
+    if not outs:
+        empty_i = np.zeros(0, np.int64)
+        empty_f = np.zeros(0, np.float64)
         return empty_i, empty_i, empty_i, empty_f, empty_f
-    k, a, b = np.concatenate(ks), np.concatenate(As), np.concatenate(Bs)
+    if len(outs) == 1:
+        return outs[0]
+    return tuple(np.concatenate([o[i] for o in outs]) for i in range(5))
+
+
+def _score_pairs_numpy(kk, a, b, px, py, paf, paf_threshold, min_pass_fraction, min_samples,
+                       max_samples, max_length, length_weight):
     dx = px[b] - px[a]
     dy = py[b] - py[a]
     length = np.sqrt(dx * dx + dy * dy)
@@ -424,20 +454,19 @@ def score_limbs_numpy(px, py, start, paf, skeleton, paf_threshold, min_pass_frac
     j = np.arange(5)
     i5 = np.where(n[:, None] >= 5, ((j + 0.5) * n[:, None] / 5).astype(np.int64), j)
     sel = np.nonzero(ok)[0]
-    d5, v5 = _paf_dots(px, py, a[sel], k[sel], dx[sel], dy[sel], ux[sel], uy[sel], n[sel],
+    d5, v5 = _paf_dots(px, py, a[sel], kk[sel], dx[sel], dy[sel], ux[sel], uy[sel], n[sel],
                        i5[sel], paf)
     sel = sel[(v5 & ~(d5 > paf_threshold)).sum(1) <= allowed[sel]]
-    if sel.size == 0:
-        return empty_i, empty_i, empty_i, empty_f, empty_f
-    i = np.broadcast_to(np.arange(int(n[sel].max())), (sel.size, int(n[sel].max())))
-    d, valid = _paf_dots(px, py, a[sel], k[sel], dx[sel], dy[sel], ux[sel], uy[sel], n[sel],
+    m = int(n[sel].max()) if sel.size else 0
+    i = np.broadcast_to(np.arange(m), (sel.size, m))
+    d, valid = _paf_dots(px, py, a[sel], kk[sel], dx[sel], dy[sel], ux[sel], uy[sel], n[sel],
                          i, paf)
-    total = np.cumsum(d, axis=1)[:, -1]  # sequential, as in the loop
+    total = np.cumsum(d, axis=1)[:, -1] if m else np.zeros(0)  # sequential, as in the loop
     fails = (valid & ~(d > paf_threshold)).sum(1)
     score = total / n[sel]
     keep = (fails <= allowed[sel]) & (score > 0.0)
     sel = sel[keep]
-    return k[sel], a[sel], b[sel], score[keep], score[keep] - length_weight * length[sel]
+    return kk[sel], a[sel], b[sel], score[keep], score[keep] - length_weight * length[sel]
 
 def merge_fragments(slots, lsum, lcnt, eligible, px, py, skeleton, hops, max_hops, max_ratio):
     """Join pieces of one person that no limb links (in place on slots).
