@@ -57,7 +57,9 @@ def render_heatmaps(joints: np.ndarray, num_joints: int, grid_hw, stride: int = 
     """[h, w, J+1] float32 heatmaps (background last) for joints [P, J, 3]."""
     h, w = int(grid_hw[0]), int(grid_hw[1])
     J = int(num_joints)
-    heat = np.zeros((h * w * J,), dtype=np.float32)
+    # Channel-first while rendering: reductions over joints then run along
+    # long contiguous rows (NumPy is slow over a short innermost axis).
+    planes = np.zeros((J + 1, h * w), dtype=np.float32)
     joints = np.asarray(joints, dtype=np.float32).reshape(-1, J, 3)
     sel_p, sel_j = np.nonzero(joints[:, :, 2] > 0)
     if sel_p.size:
@@ -82,16 +84,13 @@ def render_heatmaps(joints: np.ndarray, num_joints: int, grid_hw, stride: int = 
         keep = e <= HEATMAP_CUTOFF
         n_idx, a_idx, b_idx = np.nonzero(keep)
         vals = np.exp(-e[keep]).astype(np.float32)
-        flat = (iy[n_idx, a_idx] * w + ix[n_idx, b_idx]) * J + sel_j[n_idx]
-        np.maximum.at(heat, flat, vals)
-    heat = heat.reshape(h, w, J)
-    out = np.empty((h, w, J + 1), dtype=np.float32)
-    out[..., :J] = heat
-    if J:
-        out[..., J] = np.clip(1.0 - heat.max(axis=2), 0.0, 1.0)
+        flat = sel_j[n_idx] * (h * w) + iy[n_idx, a_idx] * w + ix[n_idx, b_idx]
+        np.maximum.at(planes.reshape(-1), flat, vals)
+        # Values are in [0, 1], so 1 - max needs no clipping.
+        np.subtract(1.0, planes[:J].max(axis=0), out=planes[J])
     else:
-        out[..., J] = 1.0
-    return out
+        planes[J] = 1.0
+    return np.ascontiguousarray(planes.reshape(J + 1, h, w).transpose(1, 2, 0))
 
 
 def render_pafs(joints: np.ndarray, skeleton, grid_hw, stride: int = 8,
@@ -150,17 +149,16 @@ def render_pafs(joints: np.ndarray, skeleton, grid_hw, stride: int = 8,
     gx = c0[row] + (np.arange(total, dtype=np.int64) - (np.cumsum(ncols) - ncols)[row])
     gy = gy[row]
     limb = limb[row]
-    flat = (gy * w + gx) * E + sel_e[limb]
-    size = h * w * E
-    count = np.bincount(flat, minlength=size)
-    sx = np.bincount(flat, weights=ux[limb], minlength=size).astype(np.float64, copy=False)
-    sy = np.bincount(flat, weights=uy[limb], minlength=size).astype(np.float64, copy=False)
-    nz = count > 0
-    sx[nz] /= count[nz]
-    sy[nz] /= count[nz]
-    paf[..., 0::2] = sx.reshape(h, w, E)
-    paf[..., 1::2] = sy.reshape(h, w, E)
-    return paf
+    # Channel-first bins (limb, cell), as for the heatmaps.
+    flat = sel_e[limb] * (h * w) + gy * w + gx
+    size = E * h * w
+    # Averaging: each entry weighs 1/(entries in its bin), so the sums below
+    # are already means, with no division over all the mostly empty bins.
+    weight = 1.0 / np.bincount(flat, minlength=size)[flat]
+    planes = np.empty((E, 2, h * w), dtype=np.float32)
+    planes[:, 0] = np.bincount(flat, weights=ux[limb] * weight, minlength=size).reshape(E, h * w)
+    planes[:, 1] = np.bincount(flat, weights=uy[limb] * weight, minlength=size).reshape(E, h * w)
+    return np.ascontiguousarray(planes.reshape(2 * E, h, w).transpose(1, 2, 0))
 
 
 def _interval(slope, offset, width, tol):
