@@ -78,7 +78,8 @@ def main():
                               "annotation_root_dir_path": "ann.json"}
         (tmp / "spec.json").write_text(json.dumps(spec))
 
-        workers = args.workers or os.cpu_count() or 1
+        from bpnet.data.convert import _usable_cores
+        workers = args.workers or _usable_cores()
         t0 = time.perf_counter()
         summary = dataset_convert(tmp / "spec.json", tmp / "out" / "train", generate_masks=True,
                                   workers=workers)

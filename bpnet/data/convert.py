@@ -115,6 +115,13 @@ def _map(fn, jobs: Sequence, workers: int, desc: str, status, unit="img"):
         bar.close()
 
 
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # respects container/taskset limits
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _probe_writable(folder: Path, what: str):
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -155,7 +162,7 @@ def dataset_convert(dataset_spec_path, output_filename, mode: str = "train", num
         raise BpnetError(f"mode must be 'train' or 'test', got {mode!r}")
     if num_partitions < 1 or num_shards < 0:
         raise BpnetError("num_partitions must be >= 1 and num_shards >= 0")
-    workers = workers or (os.cpu_count() or 1)
+    workers = workers or _usable_cores()
 
     spec = load_dataset_spec(dataset_spec_path)
     pose = spec.pose_config()
