@@ -18,6 +18,7 @@ from bpnet.infer.runners import ONNX_META_KEY, Runner, load_runner
 from bpnet.pose import load_pose_config, pose_config_from_dict
 from bpnet.specs import InferenceSpec, ModelConfig, default_pose_config_path
 from conftest import COCO_VAL_ANN, DEMO_VIDEO, SHARED_IMAGES, TFPOSE_PB, need
+from test_preprocess import _match_error, _mirror
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 keras = pytest.importorskip("keras")
@@ -206,11 +207,7 @@ class OracleRunner(Runner):
             j = joints.copy()
             j[..., :2] = t.to_input(joints[..., :2])
             if mirrored:
-                jp = self.pose.flip_permutation()
-                m = np.zeros_like(j)
-                m[:, jp] = j
-                m[..., 0] = np.where(m[..., 2] > 0, w - 1 - m[..., 0], 0)
-                j = m
+                j = _mirror(j, w, self.pose)
             hm, paf = render_labels(j, self.pose, (h, w), sigma=7.0 * max(s, 0.5))
             hms.append(hm)
             pafs.append(paf)
@@ -244,19 +241,6 @@ def _picture(hw):
     return img
 
 
-def _errors(found, truth):
-    errs = []
-    for person in truth:
-        vis = person[:, 2] > 0
-        best = np.inf
-        for cand in found:
-            both = vis & (cand[:, 2] > 0)
-            if both.sum() >= 0.8 * vis.sum():
-                best = min(best, np.linalg.norm(cand[both, :2] - person[both, :2], axis=1).mean())
-        errs.append(best)
-    return np.array(errs)
-
-
 @pytest.mark.parametrize("mode", [None, "adjust_network_input", "pad_image_input"])
 @pytest.mark.parametrize("multi,flip", [(False, False), (True, True)])
 def test_predictor_returns_people_in_original_pixels(mode, multi, flip):
@@ -274,7 +258,7 @@ def test_predictor_returns_people_in_original_pixels(mode, multi, flip):
         assert max(c[0] for c in oracle.calls) >= 2
     for (joints, hw), (people, timing) in zip(pictures, results):
         assert set(timing) >= {"network_s", "decode_s"}
-        err = _errors(people.keypoints, joints)
+        err = _match_error(people.keypoints, joints)
         assert np.isfinite(err).all(), err
         # A few pixels in pictures of 400-640 px, whatever the mode (null
         # stretches the picture, so its error is larger along one axis).
@@ -498,7 +482,7 @@ def test_real_network_flip_and_multiscale_agree_with_single_scale(mobilenet_thin
                                    flip_test=True), model_path=mobilenet_thin).predict(img)[0]
     assert len(base) >= 1 and len(rich) >= 1
     # The main person is found at the same place by both (within a few % of the picture).
-    err = _errors(rich.keypoints[:1], base.keypoints[:1])
+    err = _match_error(rich.keypoints[:1], base.keypoints[:1])
     assert err[0] < 0.03 * max(img.shape[:2]), err
 
 

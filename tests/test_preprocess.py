@@ -187,9 +187,9 @@ def test_warp_with_identity_returns_the_maps():
     assert np.abs(down[2:-2, 2:-2] - maps[2:-2, 2:-2]).mean() < 0.2
 
 
-def _mirror(joints, width):
+def _mirror(joints, width, pose=POSE):
     """Joints of the mirrored picture: positions mirrored, left/right names swapped."""
-    jp = POSE.flip_permutation()
+    jp = pose.flip_permutation()
     out = np.zeros_like(joints)
     out[:, jp] = joints
     out[..., 0] = np.where(out[..., 2] > 0, width - 1 - out[..., 0], 0)

@@ -21,7 +21,7 @@ such as the neck that way).
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -217,38 +217,15 @@ class Predictor:
 
 
 def to_original(people, transform: InputTransform):
-    """People in network-input pixels -> original pixels, clipped to the image."""
-    from .decode import People
-    kp = people.keypoints.astype(np.float32, copy=True)
-    present = kp[..., 2] > 0
-    xy = transform.to_original(kp[..., :2])
-    h, w = transform.image_hw
-    xy[..., 0] = np.clip(xy[..., 0], 0, w - 1)
-    xy[..., 1] = np.clip(xy[..., 1], 0, h - 1)
-    kp[..., :2] = np.where(present[..., None], xy, 0.0)
-    return People(kp, np.asarray(people.scores, np.float32).copy(), boxes_of(kp))
+    """People in network-input pixels -> original pixels, clipped to the image.
 
-
-def boxes_of(kp: np.ndarray) -> np.ndarray:
-    """[N, J, 3] keypoints -> [N, 4] (x0, y0, x1, y1) around the present joints."""
-    if kp.shape[0] == 0:
-        return np.zeros((0, 4), np.float32)
-    m = kp[:, :, 2] > 0
-    x = np.where(m, kp[..., 0], np.nan)
-    y = np.where(m, kp[..., 1], np.nan)
-    with np.errstate(invalid="ignore"), _quiet_nan():
-        box = np.stack([np.nanmin(x, 1), np.nanmin(y, 1), np.nanmax(x, 1), np.nanmax(y, 1)], 1)
-    return np.nan_to_num(box, nan=0.0).astype(np.float32)
-
-
-class _quiet_nan:
-    """np.nanmin warns on all-NaN rows (a person with no joints); that is expected."""
-
-    def __enter__(self):
-        import warnings
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *a):
-        return self._w.__exit__(*a)
+    Clipping commutes with the min/max that makes a box, so clipping the
+    boxes gives the boxes of the clipped joints.
+    """
+    t = transform
+    out = people.transformed(1.0 / t.ax, 1.0 / t.ay, -t.bx / t.ax, -t.by / t.ay)
+    h, w = t.image_hw
+    out.keypoints[..., 0] = np.clip(out.keypoints[..., 0], 0, w - 1)
+    out.keypoints[..., 1] = np.clip(out.keypoints[..., 1], 0, h - 1)
+    out.boxes[:] = np.clip(out.boxes, 0, [w - 1, h - 1, w - 1, h - 1])
+    return out

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import math
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import cv2
 import numpy as np

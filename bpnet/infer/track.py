@@ -24,7 +24,7 @@ Plain NumPy.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 
