@@ -287,9 +287,11 @@ def build_dataset(spec, split: str = "train", seed: Optional[int] = None, repeat
     ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle and len(files) > 1:
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=max(1, min(len(files), 4)),
-                       num_parallel_calls=tf.data.AUTOTUNE if len(files) > 1 else None,
-                       deterministic=True)
+    if len(files) > 1:
+        ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 4),
+                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        ds = ds.flat_map(tf.data.TFRecordDataset)
     if shuffle and dl.shuffle_buffer_size > 1:
         ds = ds.shuffle(dl.shuffle_buffer_size, seed=seed + 1, reshuffle_each_iteration=True)
     if repeat:
