@@ -171,6 +171,17 @@ def test_flip_and_multiscale_are_mirror_consistent_for_a_custom_keypoint_set(tin
     assert asym > 0.1, asym
 
 
+def test_encrypted_model_needs_its_key(tiny, tmp_path):
+    from bpnet.model.io import load_model, save_model
+    model, meta = load_model(tiny)
+    enc = tmp_path / "enc.keras"
+    save_model(model, enc, meta, key="right")
+    assert load_runner(enc, key="right").pose.name == "five"
+    for key in (None, "wrong"):
+        with pytest.raises(BpnetError):
+            load_runner(enc, key=key)
+
+
 # ------------------------------------------------------------------ predictor geometry end to end
 
 class OracleRunner(Runner):
