@@ -33,25 +33,39 @@ LATER_MULT = {"kernel": 4.0, "bias": 8.0}
 BACKBONE_MULT = {"kernel": 1.0, "bias": 2.0}
 
 
-def _conv_layers(model):
+def _leaf_layers(model):
     for layer in model.layers:
-        if isinstance(layer, keras.layers.Conv2D):  # DepthwiseConv2D is not one
+        if hasattr(layer, "layers"):  # a nested model
+            yield from _leaf_layers(layer)
+        else:
             yield layer
-        elif hasattr(layer, "layers"):  # a nested model
-            yield from _conv_layers(layer)
+
+
+def _kind(var) -> str:
+    name = var.name.split("/")[-1].split(":")[0]
+    if name.endswith("kernel"):  # kernel, depthwise_kernel, pointwise_kernel
+        return "kernel"
+    if name == "bias":
+        return "bias"
+    return ""
 
 
 def stagewise_gradient_weights(model, num_stages: Optional[int] = None,
                                enabled: bool = True) -> Dict[str, float]:
-    """{variable path: gradient weight} for every conv kernel and bias of ``model``."""
+    """{variable path: gradient weight} for every conv kernel and bias of ``model``.
+
+    Layers are assigned to stages by name (heads.layer_stage); anything
+    that is not a stage layer is backbone.
+    """
     if num_stages is None:
         num_stages = len(model.outputs) // 2
     weights = {}
-    for layer in _conv_layers(model):
+    for layer in _leaf_layers(model):
         stage = layer_stage(layer.name, num_stages)
         table = (BACKBONE_MULT if stage == 0 else STAGE1_MULT if stage == 1 else LATER_MULT)
-        for var, kind in ((layer.kernel, "kernel"), (getattr(layer, "bias", None), "bias")):
-            if var is not None:
+        for var in layer.trainable_weights:
+            kind = _kind(var)
+            if kind:
                 weights[var.path] = table[kind] if enabled else 1.0
     return weights
 
