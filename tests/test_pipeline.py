@@ -53,8 +53,12 @@ def sample(tmp_path_factory):
     return d, d / "sample_spec.json"
 
 
-def _spec(train_records, dataset_specs, val_records=(), size=SIZE, batch=4, mode="person_centric", **dl):
-    d = {
+def _spec(*args, **kw):
+    return build_spec(TrainSpec, _spec_dict(*args, **kw), "<test>")
+
+
+def _spec_dict(train_records, dataset_specs, val_records=(), size=SIZE, batch=4, mode="person_centric", **dl):
+    return {
         "random_seed": 5,
         "dataloader": {
             "batch_size": batch, "shuffle_buffer_size": 50, "num_parallel_calls": 2,
@@ -68,7 +72,6 @@ def _spec(train_records, dataset_specs, val_records=(), size=SIZE, batch=4, mode
                 "zoom_prob": 0.5, "zoom_ratio_min": 0.8, "zoom_ratio_max": 1.2}},
             **dl,
         }}
-    return build_spec(TrainSpec, d, "<test>")
 
 
 def _take(ds, n):
@@ -222,3 +225,47 @@ def test_spec_errors_are_clear(coco, tmp_path):
         build_dataset(_spec([d / "train"], {"coco": tmp_path / "nope.json"}), "train")
     with pytest.raises(BpnetError, match="split must be"):
         build_dataset(_spec([d / "train"], {"coco": ds_spec}), "test")
+
+
+def test_tf_window_decoding_matches_the_opencv_path(coco):
+    """The tf.data path (plan, decode only the JPEG window, finish) gives the
+    sample that SampleProcessor gives from a whole OpenCV decode."""
+    import tensorflow as tf
+    from bpnet.data.pipeline import SampleProcessor, build_dataset, dataset_roots
+    from bpnet.pose import load_pose_config
+    d, ds_spec = coco
+    spec = _spec([d / "train"], {"coco": ds_spec}, size=SIZE, batch=6)
+    spec.dataloader.augmentation_config.spatial_aug_params.zoom_ratio_min = 0.3  # some 1/2 decodes too
+    (x, y), = _take(build_dataset(spec, "train", seed=4, shuffle=False), 1)
+    # Per-sample seeds: the stream build_dataset zips with the (unshuffled) records.
+    seeds = [int(v) & 0xFFFFFFFFFFFFFFFF for v in tf.data.Dataset.random(seed=4 + 2).take(6).as_numpy_iterator()]
+    pose = load_pose_config(default_pose_config_path())
+    roots, fallback = dataset_roots(spec)
+    proc = SampleProcessor(spec, pose, roots, fallback, train=True)
+    for i, rec in enumerate(list(read_records(d / "train"))[:6]):
+        img, heat, paf, mask, _ = proc(rec["dataset"], rec["image_path"], rec["mask_path"], rec["height"],
+                                       rec["width"], rec["joints"], rec["centers"], rec["scales"], seeds[i])
+        np.testing.assert_allclose(y["heatmap"][i], heat, atol=1e-6)
+        np.testing.assert_allclose(y["paf"][i], paf, atol=1e-6)
+        np.testing.assert_allclose(y["mask"][i], mask, atol=1e-6)
+        # TF's and OpenCV's JPEG decoders differ by a few levels in chroma.
+        diff = np.abs(x[i] - proc.normalize(img))
+        assert diff.mean() < 3 / 256 and np.quantile(diff, 0.99) < 16 / 256, (i, diff.mean())
+
+
+def test_show_labels_script_writes_a_picture(coco, tmp_path):
+    import importlib.util
+    import cv2
+    import yaml
+    d, ds_spec = coco
+    spec_file = tmp_path / "train.yaml"
+    spec_file.write_text(yaml.safe_dump(_spec_dict([d / "train"], {"coco": ds_spec})))
+    mod_spec = importlib.util.spec_from_file_location("show_labels", REPO / "scripts" / "show_labels.py")
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    out = tmp_path / "s.png"
+    assert mod.main(["--spec", str(spec_file), "--out", str(out), "--index", "2", "--seed", "1"]) == 0
+    img = cv2.imread(str(out))
+    assert img.shape == (SIZE * 2, SIZE * 2 * 3 + 12, 3)
+    assert mod.main(["--spec", str(spec_file), "--out", str(tmp_path / "t.png"), "--index", "100000"]) == 1
+    assert not (tmp_path / "t.png").exists()
