@@ -12,8 +12,6 @@ from click.testing import CliRunner
 import bpnet
 from bpnet.cli import main
 
-from conftest import REPO
-
 HEAVY = ("tensorflow", "keras", "onnxruntime", "onnx", "tf2onnx", "jax", "torch", "tensorrt")
 
 

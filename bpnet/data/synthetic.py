@@ -22,10 +22,9 @@ Everything is a function of the seed: the same seed gives the same bytes.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
