@@ -269,3 +269,12 @@ def test_show_labels_script_writes_a_picture(coco, tmp_path):
     assert img.shape == (SIZE * 2, SIZE * 2 * 3 + 12, 3)
     assert mod.main(["--spec", str(spec_file), "--out", str(tmp_path / "t.png"), "--index", "100000"]) == 1
     assert not (tmp_path / "t.png").exists()
+
+
+def test_grayscale_input(sample):
+    from bpnet.data.pipeline import build_dataset
+    d, sspec = sample
+    spec = _spec([d / "train"], {"sample": sspec}, size=96, batch=2,
+                 image_config={"image_dims": {"height": 96, "width": 96, "channels": 1}})
+    (x, y), = _take(build_dataset(spec, "train", seed=0), 1)
+    assert x.shape == (2, 96, 96, 1) and -0.5 <= x.min() and x.max() < 0.5 and x.std() > 0.01
