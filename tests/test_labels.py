@@ -224,7 +224,7 @@ def test_custom_five_joint_pose_config():
     assert heat.shape == (14, 13, 6) and paf.shape == (14, 13, 8)
     for k in range(4):
         assert np.abs(paf[..., 2 * k:2 * k + 2]).sum() > 0
-    # Integer joints sit 0.5 px off the nearest cell centre per axis at worst 3.5 px.
+    # An integer joint is at most 3.5 px per axis from its nearest cell centre.
     assert all(heat[..., j].max() >= math.exp(-2 * 3.5 ** 2 / 98) - 1e-6 for j in range(5))
 
 
