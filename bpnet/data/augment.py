@@ -214,9 +214,11 @@ def warp_mask_to_grid(mask: Optional[np.ndarray], t: Transform, stride: int = 8)
 def augment(image: np.ndarray, mask: Optional[np.ndarray], joints: np.ndarray, centers: np.ndarray,
             scales: np.ndarray, out_hw, mode: str, params, pose, rng: Optional[np.random.Generator],
             stride: int = 8):
-    """Augment one sample: (image [H, W, C] uint8, mask [h, w] float32 0..255, joints [P, J, 3]).
+    """Augment one sample in memory.
 
-    rng None: no random part (validation).
+    Returns (image [H, W, C] uint8, mask [h, w] float32 0..255 per label
+    cell, joints [P, J, 3] moved (left/right swapped on a mirror), the
+    Transform). rng None: no random part (validation).
     """
     centers = np.asarray(centers, np.float32).reshape(-1, 2)
     scales = np.asarray(scales, np.float32).reshape(-1)
