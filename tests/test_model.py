@@ -267,6 +267,20 @@ JAX_SCRIPT = textwrap.dedent("""
         out[cls] = {"shapes": [list(o.shape) for o in outs], "loss0": float(loss0),
                     "loss1": float(loss1),
                     "finite_grads": bool(all(np.isfinite(np.asarray(g)).all() for g in grads))}
+    # Loss (plain and focal) and schedule values on fixed arrays, checked
+    # against the formulas by the test.
+    from bpnet.specs import FocalLossParams
+    from bpnet.model.schedules import SoftstartAnnealingLearningRateSchedule
+    rng = np.random.default_rng(7)
+    lab = {"heatmap": rng.random((2, 3, 3, 6)).astype("float32"),
+           "paf": rng.uniform(-1, 1, (2, 3, 3, 8)).astype("float32"),
+           "mask": (rng.random((2, 3, 3, 1)) > 0.3).astype("float32")}
+    preds = [rng.normal(size=(2, 3, 3, 6)).astype("float32"),
+             rng.normal(size=(2, 3, 3, 8)).astype("float32")]
+    out["loss"] = float(BpNetLoss(1)(lab, preds)[0])
+    out["focal"] = float(BpNetLoss(1, focal=FocalLossParams())(lab, preds)[0])
+    sched = SoftstartAnnealingLearningRateSchedule(2e-5, 8e-8, 0.05, 0.5, total_steps=100)
+    out["lr"] = [float(sched(s)) for s in (0, 2, 30, 75, 100)]
     print("RESULT " + json.dumps(out))
 """)
 
@@ -291,3 +305,25 @@ def test_model_builds_runs_and_trains_one_step_on_the_jax_backend(tmp_path):
         assert r["finite_grads"]
         # One small SGD step along the JAX gradient lowers the loss.
         assert 0 < r["loss1"] < r["loss0"]
+    rng = np.random.default_rng(7)
+    lab = [rng.random((2, 3, 3, 6)), rng.uniform(-1, 1, (2, 3, 3, 8)),
+           (rng.random((2, 3, 3, 1)) > 0.3).astype("float32")]
+    preds = [rng.normal(size=(2, 3, 3, 6)), rng.normal(size=(2, 3, 3, 8))]
+    lab = [a.astype("float32").astype(np.float64) for a in lab]
+    preds = [a.astype("float32").astype(np.float64) for a in preds]
+
+    def np_loss(focal):
+        total = 0.0
+        for p, g in zip(preds, lab[:2]):
+            w = 1.0
+            if focal:
+                s = np.where(np.abs(g) >= 0.01, np.sign(g) * p - 0.1, 1 - np.abs(p) - 0.02)
+                w = np.abs(1 - s)
+            total += 0.5 * (w * ((p - g) * lab[2]) ** 2).sum() / 2
+        return total
+
+    assert res["loss"] == pytest.approx(np_loss(False), rel=1e-5)
+    assert res["focal"] == pytest.approx(np_loss(True), rel=1e-5)
+    expected_lr = [8e-8, np.exp(np.log(8e-8) + 0.4 * (np.log(2e-5) - np.log(8e-8))), 2e-5,
+                   np.exp(np.log(8e-8) + 0.5 * (np.log(2e-5) - np.log(8e-8))), 8e-8]
+    assert res["lr"] == pytest.approx(expected_lr, rel=1e-5)
