@@ -33,7 +33,7 @@ import struct
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Tuple
 
 from bpnet.errors import BpnetError
 from bpnet.io import atomic_path
