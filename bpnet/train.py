@@ -96,6 +96,9 @@ def make_strategy(gpus: int = 1):
     if gpus < 1:
         raise BpnetError(f"--gpus must be >= 1, got {gpus}")
     cfg = tf_config()
+    if cfg is None:
+        # TensorFlow's own TF_CONFIG reader chokes on an empty value.
+        os.environ.pop("TF_CONFIG", None)
     physical = tf.config.list_physical_devices("GPU")
     try:
         if physical:
