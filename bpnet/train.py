@@ -655,34 +655,9 @@ class _Run:
 
     def _make_steps(self):
         import tensorflow as tf
-        model, opt, strategy = self.model, self.optimizer, self.strategy
-        stage_losses = self.stage_losses
-        gb = float(self.global_batch)
-        nrep = float(self.num_replicas)
-        amp = self.use_amp
-
-        def replica_step(images, labels):
-            with tf.GradientTape() as tape:
-                outputs = model(images, training=True)
-                heat, paf = stage_losses(outputs, labels)
-                heat = tf.cast(heat, tf.float32) / gb
-                paf = tf.cast(paf, tf.float32) / gb
-                data = tf.reduce_sum(heat) + tf.reduce_sum(paf)
-                reg = tf.add_n([tf.cast(l, tf.float32) for l in model.losses]) / nrep \
-                    if model.losses else tf.constant(0.0)
-                total = data + reg
-                scaled = opt.scale_loss(total) if amp else total
-            tvars = model.trainable_variables
-            grads = tape.gradient(scaled, tvars)
-            opt.apply_gradients(zip(grads, tvars))
-            return total, heat, paf, reg
-
-        @tf.function
-        def train_step(dist_batch):
-            images, labels = dist_batch
-            out = strategy.run(replica_step, args=(images, labels))
-            return [strategy.reduce(tf.distribute.ReduceOp.SUM, o, axis=None) for o in out]
-
+        model, stage_losses = self.model, self.stage_losses
+        self.train_step = make_train_step(model, self.optimizer, stage_losses, self.strategy,
+                                          self.global_batch, self.use_amp)
         T = self.num_stages
 
         def eval_fn(images, labels):
@@ -691,7 +666,6 @@ class _Run:
             return (tf.cast(heat, tf.float32), tf.cast(paf, tf.float32),
                     tf.cast(tf.shape(images)[0], tf.float32), tf.cast(outputs[T - 1], tf.float32))
 
-        self.train_step = train_step
         # Validation runs on this worker alone: small, and free of cross-worker
         # collectives that uneven last batches would deadlock.
         self.eval_step = tf.function(eval_fn)
@@ -856,6 +830,45 @@ class _Run:
 
 
 # ====================================================================== helpers
+
+def make_train_step(model, optimizer, stage_losses, strategy, global_batch: int, use_amp: bool):
+    """A tf.function: one distributed batch -> (total loss, heatmap [T], PAF [T], regularization).
+
+    Each replica divides its summed loss by the global batch and its share of
+    the regularization by the replica count; the optimizer all-reduces
+    (sums) the gradients, so N replicas take the step one device would take
+    on the whole batch. Under --use_amp the optimizer is a LossScaleOptimizer:
+    the loss is scaled before differentiation and the gradients unscaled
+    (and the step skipped on overflow) inside apply_gradients.
+    """
+    import tensorflow as tf
+    gb = float(global_batch)
+    nrep = float(strategy.num_replicas_in_sync)
+
+    def replica_step(images, labels):
+        with tf.GradientTape() as tape:
+            outputs = model(images, training=True)
+            heat, paf = stage_losses(outputs, labels)
+            heat = tf.cast(heat, tf.float32) / gb
+            paf = tf.cast(paf, tf.float32) / gb
+            data = tf.reduce_sum(heat) + tf.reduce_sum(paf)
+            reg = (tf.add_n([tf.cast(x, tf.float32) for x in model.losses]) / nrep
+                   if model.losses else tf.constant(0.0))
+            total = data + reg
+            scaled = optimizer.scale_loss(total) if use_amp else total
+        tvars = model.trainable_variables
+        grads = tape.gradient(scaled, tvars)
+        optimizer.apply_gradients(zip(grads, tvars))
+        return total, heat, paf, reg
+
+    @tf.function
+    def train_step(dist_batch):
+        images, labels = dist_batch
+        out = strategy.run(replica_step, args=(images, labels))
+        return [strategy.reduce(tf.distribute.ReduceOp.SUM, o, axis=None) for o in out]
+
+    return train_step
+
 
 def write_scalars(writer, step: int, scalars: Dict[str, float]):
     """TensorBoard scalars through TensorFlow's core summary op.

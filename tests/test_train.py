@@ -423,3 +423,35 @@ def test_nan_loss_stops_with_the_step_and_a_hint(sample, tmp_path):
     assert p.returncode != 0
     line = error_line(p)
     assert "at step" in line and "lower the learning rate" in line
+
+
+# ------------------------------------------------------------------ pretrained weights
+
+def test_pretrained_weights_copy_by_name_and_skip_shape_mismatches():
+    """A 2-stage 18-joint model into a 3-stage model of a 14-joint (no face) pose config."""
+    import keras
+    from bpnet.model.build import build_model
+    from bpnet.pose import pose_config_from_dict
+    from bpnet.specs import ModelConfig, default_pose_config_path
+    from bpnet.train import copy_weights_by_name
+
+    full = json.loads(default_pose_config_path().read_text())
+    keep = full["keypoints"][:14]  # drop eyes and ears
+    no_face = {"name": "no_face", "keypoints": keep, "synthetic_joints": full["synthetic_joints"],
+               "skeleton": [e for e in full["skeleton"] if max(e) <= 14]}
+    pose18 = pose_config_from_dict(full)
+    pose14 = pose_config_from_dict(no_face)
+    keras.utils.set_random_seed(1)
+    src = build_model(ModelConfig(stages=2, width_multiplier=0.125), pose18, (None, None, 3))
+    dst = build_model(ModelConfig(stages=3, width_multiplier=0.125, heat_channels=pose14.heat_channels,
+                                  paf_channels=pose14.paf_channels), pose14, (None, None, 3))
+    report = copy_weights_by_name(src, dst)
+    skipped = dict(report["skipped"])
+    # Output layers change with the joint count; stage 2's first conv reads the outputs too.
+    assert {"heatmap_stage1", "paf_stage1", "heatmap_out", "paf_out", "stage2_conv1"} <= set(skipped)
+    assert "shape mismatch" in skipped["heatmap_out"]
+    assert set(report["missing"]) >= {"stage3_conv2", "heatmap_stage2"}
+    assert "block1_conv1" in report["loaded"] and "stage1_conv1" in report["loaded"]
+    for name in report["loaded"]:
+        for a, b in zip(src.get_layer(name).get_weights(), dst.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(a, b)
