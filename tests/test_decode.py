@@ -323,3 +323,19 @@ def test_works_without_numba(monkeypatch):
     out = decode(heat, paf, POSE)
     assert D._kernels[0] is K.find_peaks_numpy
     assert len(out) == 1 and out.present().sum() == 18
+
+
+@pytest.mark.parametrize("use_numba", [True, False])
+def test_noisy_maps_with_no_threshold_stay_bounded(use_numba):
+    if use_numba and not numba_available():
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(0)
+    heat = rng.random((60, 80, 19)).astype(np.float32)  # ~900 peaks per joint
+    paf = rng.uniform(-1, 1, (60, 80, 38)).astype(np.float32)
+    out = decode(heat, paf, POSE, heatmap_threshold=0.0, max_peaks=20, use_numba=use_numba,
+                 small_person_score=0.0, min_person_score=0.0)
+    per_joint = out.present().sum(0)
+    assert per_joint.max() == 20  # the strongest 20 peaks of each joint, no more
+    strongest = np.sort(heat[..., 0].ravel())[-20:]
+    assert set(np.round(out.keypoints[out.present()[:, 0], 0, 2], 6)) == \
+        set(np.round(strongest, 6))

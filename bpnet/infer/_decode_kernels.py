@@ -489,6 +489,7 @@ def merge_fragments(slots, lsum, lcnt, eligible, px, py, skeleton, hops, max_hop
     E = skeleton.shape[0]
     alive = np.ones(N, np.bool_)
     scale = np.zeros(N, np.float64)
+    box = np.empty((N, 4), np.float64)  # x0, y0, x1, y1 of each person's joints
     for p in range(N):
         tot = 0.0
         cnt = 0
@@ -500,7 +501,18 @@ def merge_fragments(slots, lsum, lcnt, eligible, px, py, skeleton, hops, max_hop
                 cnt += 1
         if cnt > 0:
             scale[p] = tot / cnt
-    cap = N * (N - 1) // 2
+        box[p, 0] = np.inf
+        box[p, 1] = np.inf
+        box[p, 2] = -np.inf
+        box[p, 3] = -np.inf
+        for j in range(J):
+            i = slots[p, j]
+            if i >= 0:
+                box[p, 0] = min(box[p, 0], px[i])
+                box[p, 1] = min(box[p, 1], py[i])
+                box[p, 2] = max(box[p, 2], px[i])
+                box[p, 3] = max(box[p, 3], py[i])
+    cap = 64
     pa_ = np.empty(cap, np.int64)
     pb_ = np.empty(cap, np.int64)
     pr_ = np.empty(cap, np.float64)
@@ -515,6 +527,12 @@ def merge_fragments(slots, lsum, lcnt, eligible, px, py, skeleton, hops, max_hop
             if scale[q] > s:
                 s = scale[q]
             if s <= 0.0:
+                continue
+            # No two joints can be close enough when the boxes are this far.
+            gap_x = max(box[q, 0] - box[p, 2], box[p, 0] - box[q, 2])
+            gap_y = max(box[q, 1] - box[p, 3], box[p, 1] - box[q, 3])
+            reach = max_ratio * max_hops * s
+            if gap_x > reach or gap_y > reach:
                 continue
             best = max_ratio + 1.0
             clash = False
@@ -538,6 +556,15 @@ def merge_fragments(slots, lsum, lcnt, eligible, px, py, skeleton, hops, max_hop
                         best = r
             if clash or best > max_ratio:
                 continue
+            if m == cap:
+                cap *= 2
+                pa2 = np.empty(cap, np.int64)
+                pb2 = np.empty(cap, np.int64)
+                pr2 = np.empty(cap, np.float64)
+                pa2[:m] = pa_
+                pb2[:m] = pb_
+                pr2[:m] = pr_
+                pa_, pb_, pr_ = pa2, pb2, pr2
             pa_[m] = p
             pb_[m] = q
             pr_[m] = best

@@ -65,6 +65,7 @@ DEFAULTS = dict(
     completeness=3.0,
     merge_max_hops=4,
     merge_ratio=1.0,
+    max_peaks=128,
 )
 
 
@@ -178,7 +179,8 @@ def decode(heatmaps, pafs, pose, stride: float = 8, heatmap_threshold: float = 0
     max_samples, max_limb_length (None = the map's larger side),
     length_weight (tie-break towards shorter limbs), min_parts,
     min_person_score, small_person_score, completeness, merge_max_hops,
-    merge_ratio (0 turns fragment merging off). use_numba: None = use it
+    merge_ratio (0 turns fragment merging off), max_peaks (per joint, the
+    strongest kept; bounds the work on noisy maps). use_numba: None = use it
     when installed (and BPNET_NO_NUMBA is not set).
 
     Returns People sorted by decreasing score.
@@ -215,6 +217,7 @@ def decode(heatmaps, pafs, pose, stride: float = 8, heatmap_threshold: float = 0
     px, py, pv, pj, start = find_peaks(heatmaps, J, thr, _REFINE[p["refine"]])
     if px.shape[0] == 0:
         return People.empty(J)
+    px, py, pv, pj, start = _strongest(px, py, pv, pj, start, int(p["max_peaks"]))
     skel = _skeleton_array(pose)
     max_len = p["max_limb_length"]
     max_len = float(max(h, w) if max_len is None else max_len)
@@ -250,6 +253,27 @@ def decode(heatmaps, pafs, pose, stride: float = 8, heatmap_threshold: float = 0
     order = np.argsort(-rank, kind="stable")
     kp = kp[order]
     return People(kp, rank[order].astype(np.float32), _boxes(kp))
+
+
+def _strongest(px, py, pv, pj, start, max_peaks):
+    """Keep at most max_peaks peaks per joint, the highest, in their order.
+
+    A bound on the work: limb pairs grow with the square of the peaks, and
+    noisy maps under a low threshold can have thousands per joint.
+    """
+    counts = np.diff(start)
+    if max_peaks <= 0 or counts.max() <= max_peaks:
+        return px, py, pv, pj, start
+    keep = []
+    for j in np.nonzero(counts)[0]:
+        idx = np.arange(start[j], start[j + 1])
+        if idx.size > max_peaks:
+            idx = np.sort(idx[np.argsort(-pv[idx], kind="stable")[:max_peaks]])
+        keep.append(idx)
+    keep = np.concatenate(keep)
+    new_start = np.zeros_like(start)
+    new_start[1:] = np.cumsum(np.minimum(counts, max_peaks))
+    return px[keep], py[keep], pv[keep], pj[keep], new_start
 
 
 _skel_cache: dict = {}
