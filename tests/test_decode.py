@@ -230,18 +230,21 @@ def test_nobody_gives_an_empty_result():
 def test_plateaus_give_one_peak(use_numba):
     if use_numba and not numba_available():
         pytest.skip("numba is not installed")
-    heat = np.zeros((9, 12, 3), np.float32)
+    heat = np.zeros((9, 12, 4), np.float32)
     heat[2, 3, 0] = heat[2, 4, 0] = 0.9  # horizontal tie
     heat[2, 2, 0] = heat[2, 5, 0] = 0.4
     heat[5, 5:7, 1] = heat[6, 5:7, 1] = 0.8  # 2x2 flat top
     heat[6, 9, 2] = heat[7, 10, 2] = 0.7  # diagonal tie
+    heat[3:6, 6:10, 3] = 0.6  # 4 x 3 block, as from repeating cells
+    heat[4, 5, 3] = 0.3
     from bpnet.infer.decode import _get_kernels
     find = _get_kernels(use_numba)[0]
-    px, py, pv, pj, start = find(heat, 3, 0.1, K.REFINE_GAUSSIAN)
-    assert pj.tolist() == [0, 1, 2]
+    px, py, pv, pj, start = find(heat, 4, 0.1, K.REFINE_GAUSSIAN)
+    assert pj.tolist() == [0, 1, 2, 3]
     assert (px[0], py[0]) == pytest.approx((3.5, 2.0), abs=1e-6)
     assert (px[1], py[1]) == pytest.approx((5.5, 5.5), abs=1e-6)
-    assert pv.tolist() == pytest.approx([0.9, 0.8, 0.7])
+    assert (px[3], py[3]) == pytest.approx((7.5, 4.0), abs=1e-6)
+    assert pv.tolist() == pytest.approx([0.9, 0.8, 0.7, 0.6])
 
 
 def test_neck_between_two_cells_is_one_joint():

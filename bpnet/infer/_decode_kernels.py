@@ -118,6 +118,18 @@ def find_peaks_loop(heat, num_joints, threshold, refine):
                     dx = off
                 else:
                     dy = off
+            # A flat top wider than two cells (maps upsampled by repeating
+            # cells): its middle.
+            run = 1
+            while x + run < w and heat[y, x + run, j] == v:
+                run += 1
+            if run >= 3:
+                dx = 0.5 * (run - 1)
+            run = 1
+            while y + run < h and heat[y + run, x, j] == v:
+                run += 1
+            if run >= 3:
+                dy = 0.5 * (run - 1)
         px[k] = x + dx
         py[k] = y + dy
     return px, py, pv, pj, start
@@ -167,7 +179,17 @@ def find_peaks_numpy(heat, num_joints, threshold, refine):
         den = a - 2.0 * b + cc
         ok = inside & (den < 0) & (refine != REFINE_NONE)
         off = np.where(ok, 0.5 * (a - cc) / np.where(ok, den, -1.0), 0.0)
-        offs.append(np.clip(off, -0.5, 0.5))
+        off = np.clip(off, -0.5, 0.5)
+        if refine != REFINE_NONE:
+            for n in np.nonzero((pos + 2 < size) & (cc == b))[0]:
+                run = 1
+                while pos[n] + run < size and (
+                        (hm[ys[n], xs[n] + run, js[n]] if axis == 0
+                         else hm[ys[n] + run, xs[n], js[n]]) == pv[n]):
+                    run += 1
+                if run >= 3:
+                    off[n] = 0.5 * (run - 1)
+        offs.append(off)
     return xs + offs[0], ys + offs[1], pv, js.astype(np.int64), start
 
 
