@@ -322,6 +322,7 @@ def test_works_without_numba(monkeypatch):
     import bpnet.infer.decode as D
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ImportError
     monkeypatch.setattr(D, "_kernels", None)
+    monkeypatch.delenv("BPNET_NO_NUMBA", raising=False)
     heat, paf = render_labels(one_person()[None], POSE, (256, 200))
     out = decode(heat, paf, POSE)
     assert D._kernels[0] is K.find_peaks_numpy
