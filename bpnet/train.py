@@ -358,6 +358,7 @@ class _Run:
                     raise BpnetError(f"{self.spec.pretrained_weights}: the model is for pose config "
                                      f"{other.name!r}, the spec for {self.pose.name!r}; with "
                                      "load_graph the whole model is kept, so they must agree")
+            self.graph_meta = meta or {}
             log.info("load_graph: training the whole model of %s (%d parameters)",
                      self.spec.pretrained_weights, model.count_params())
             if self.use_amp:
@@ -374,7 +375,8 @@ class _Run:
             "normalization": {"image_scale": list(norm.image_scale),
                               "image_offset": list(norm.image_offset)},
             "stride": self.spec.STRIDE,
-            "model": spec_to_dict(self.spec.model),
+            # A loaded (pruned) graph is not the spec's model: keep its own description.
+            "model": (getattr(self, "graph_meta", None) or {}).get("model") or spec_to_dict(self.spec.model),
             "input_channels": c,
             "train_input_shape": [h, w],
         }
