@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -283,7 +282,11 @@ class _Run:
                                            dc.val_records_path, "val_records_path")
         for files in (self.train_files, self.val_files):
             for f in files[:1] + files[-1:]:
-                first = next(iter(rec.read_records([f])), None)
+                try:
+                    first = next(iter(rec.read_records([f])), None)
+                except Exception as e:  # truncated or foreign files fail in many ways
+                    raise BpnetError(f"{f}: not a readable bpnet record file ({type(e).__name__}: "
+                                     f"{e}); re-run dataset_convert") from e
                 if first is None:
                     continue
                 name = _as_str(first.get("pose_config", b""))
@@ -474,7 +477,6 @@ class _Run:
         if self.chief:
             self._save_spec()
 
-        import tensorflow as tf
         self.strategy = make_strategy(self.gpus)
         import keras
 
@@ -572,9 +574,12 @@ class _Run:
             src, _ = _load_model_file(spec.pretrained_weights, self.key, "pretrained_weights")
             report = copy_weights_by_name(src, self.model)
             self._report_pretrained(report)
-        fresh = start_epoch == 0 and not spec.pretrained_weights and not spec.finetuning_config.is_finetune_exp
         if self.cluster and is_multi_worker(self.cluster):
             start_epoch, self.step = self._sync_from_chief(start_epoch, self.step)
+        # Decided after the broadcast: every worker must take the same branch
+        # (the warm start runs collectives under synchronized BN).
+        fresh = (start_epoch == 0 and not spec.pretrained_weights
+                 and not spec.finetuning_config.is_finetune_exp)
 
         if start_epoch >= spec.num_epoch:
             log.info("training already complete (checkpoint of epoch %d)", start_epoch)
@@ -723,7 +728,6 @@ class _Run:
         return self.strategy.experimental_distribute_dataset(ds)
 
     def _loop(self, start_epoch: int, writer):
-        import tensorflow as tf
         import keras
         from tqdm import tqdm
 

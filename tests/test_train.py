@@ -166,7 +166,7 @@ def test_sample_spec_learns(sample, tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", sample)
     out = tmp_path / "run"
     import resource
-    p = bpnet("train", "-e", spec, "-r", out, check=True)
+    bpnet("train", "-e", spec, "-r", out, check=True)
     cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     status = json.loads((out / "status.json").read_text())
     assert status["status"] == "SUCCESS" and status["steps"] == 320
