@@ -173,3 +173,30 @@ def test_evaluate_rejects_model_whose_pose_does_not_match_dataset(tmp_path, mode
     assert r.returncode != 0 and len(errs) == 1, r.stderr
     assert "does not match" in errs[0] and "bpnet_18joints" in errs[0]
     assert not (out / "detections.json").exists()
+
+
+def test_evaluate_onnx_model_matches_keras(tmp_path, model_file):
+    """The same network as ONNX (run by ONNX Runtime) scores the same KPIs."""
+    tf = pytest.importorskip("tensorflow")
+    tf2onnx = pytest.importorskip("tf2onnx")
+    onnx = pytest.importorskip("onnx")
+    from bpnet.evaluate import evaluate
+    from bpnet.infer.runners import ONNX_META_KEY
+    from bpnet.model.build import stage_model
+    from bpnet.model.io import load_model
+    model, meta = load_model(model_file)
+    last = stage_model(model)
+    proto, _ = tf2onnx.convert.from_function(
+        tf.function(lambda x: last(x, training=False)),
+        input_signature=(tf.TensorSpec([None, None, None, 3], tf.float32, name="input_1"),),
+        opset=17)
+    onnx.helper.set_model_props(proto, {ONNX_META_KEY: json.dumps(meta)})
+    onnx_path = tmp_path / "mobilenet_thin.onnx"
+    onnx.save(proto, str(onnx_path))
+    spec = REPO / "specs" / "infer_spec_mobilenet_thin.yaml"
+    ds = REPO / "data_pose_config" / "coco_tiny_spec.json"
+    k_onnx = evaluate(spec, ds, tmp_path / "onnx", model_path=onnx_path, show_progress=False)["kpi"]
+    k_keras = evaluate(spec, ds, tmp_path / "keras", model_path=model_file, show_progress=False)["kpi"]
+    for k in KPIS:
+        assert abs(k_onnx[k] - k_keras[k]) < 0.01, (k, k_onnx[k], k_keras[k])
+    assert k_onnx["AP_0.5"] > 0.8
