@@ -1053,13 +1053,12 @@ def _clone_with_policy(model, policy: str):
 
     def fix_layer(layer_cfg):
         cfg = layer_cfg.get("config", {})
-        if cfg.get("name") in pinned and policy != "float32":
-            return layer_cfg
+        if layer_cfg.get("class_name") == "InputLayer" or (
+                cfg.get("name") in pinned and policy != "float32"):
+            return layer_cfg  # inputs carry a plain dtype, not a policy
         dt = cfg.get("dtype")
         if isinstance(dt, dict) and dt.get("class_name") == "DTypePolicy":
             cfg = {**cfg, "dtype": {**dt, "config": {**dt.get("config", {}), "name": policy}}}
-        elif isinstance(dt, str):
-            cfg = {**cfg, "dtype": policy}
         return {**layer_cfg, "config": cfg}
 
     config = model.get_config()

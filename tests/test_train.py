@@ -456,3 +456,35 @@ def test_pretrained_weights_copy_by_name_and_skip_shape_mismatches():
     for name in report["loaded"]:
         for a, b in zip(src.get_layer(name).get_weights(), dst.get_layer(name).get_weights()):
             np.testing.assert_array_equal(a, b)
+
+
+def test_amp_load_graph_and_finetuning(one_checkpoint_run, tmp_path):
+    """--use_amp trains and saves a float32 model; load_graph trains the file's model as is;
+    finetuning_config continues another run's checkpoint at its epoch."""
+    spec, run = one_checkpoint_run
+    base = yaml.safe_load(spec.read_text())
+    src_w, src_meta = final_weights(run / "bpnet_model.keras")
+
+    amp = tmp_path / "amp.yaml"
+    amp.write_text(yaml.safe_dump(_merge(base, {"num_epoch": 1, "checkpoint_n_epoch": 1,
+                                                "pretrained_weights": str(run / "bpnet_model.keras"),
+                                                "load_graph": True,
+                                                # ignored with load_graph: the file's model is trained
+                                                "model": {"width_multiplier": 0.5}})))
+    p = bpnet("train", "-e", amp, "-r", tmp_path / "amp", "--use_amp", check=True)
+    assert "load_graph: training the whole model" in p.stderr
+    from bpnet.model.io import load_model
+    model, meta = load_model(tmp_path / "amp" / "bpnet_model.keras")
+    assert {l.dtype_policy.name for l in model.layers} == {"float32"}
+    assert [w.shape for w in model.get_weights()] == [w.shape for w in src_w]
+    assert meta["model"]["width_multiplier"] == src_meta["model"]["width_multiplier"] == 0.125
+    assert any(np.abs(a - b).max() > 0 for a, b in zip(model.get_weights(), src_w))
+
+    ft = tmp_path / "ft.yaml"
+    ft.write_text(yaml.safe_dump(_merge(base, {"num_epoch": 3, "checkpoint_n_epoch": 1, "finetuning_config": {
+        "is_finetune_exp": True, "checkpoint_path": str(run / "model.epoch-2.keras"), "ckpt_epoch_num": 2}})))
+    p = bpnet("train", "-e", ft, "-r", tmp_path / "ft", check=True)
+    assert "finetuning from" in p.stderr
+    _, info = state_info(tmp_path / "ft" / "model.epoch-3.state")
+    assert info["step"] == 3 * base["steps_per_epoch"]
+    assert not (tmp_path / "ft" / "model.epoch-1.keras").exists()
