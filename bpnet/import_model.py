@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -130,7 +130,7 @@ def tfpose_weight_table(consts: Dict[str, np.ndarray], path="graph"):
 def _model_config(stages: int, pose):
     from .specs import BackboneAttributes, ModelConfig
     return ModelConfig(class_name="MobileNetThinModel",
-                       backbone_attributes=BackboneAttributes(architecture="mobilenet_v1", nlayers=1,
+                       backbone_attributes=BackboneAttributes(architecture="mobilenet_v1",
                                                               use_bias=True),
                        stages=stages, heat_channels=pose.heat_channels,
                        paf_channels=pose.paf_channels, use_bias=True)

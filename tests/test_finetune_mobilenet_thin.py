@@ -9,7 +9,6 @@ on the val images.
 import json
 
 import numpy as np
-import pytest
 import yaml
 
 from conftest import COCO_TINY, REPO, TFPOSE_PB, need
