@@ -30,8 +30,12 @@ def _setup_logging(level: str):
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def run_task(name: str, results_dir, log_level: str, body):
-    """Run ``body(status)`` with logging, status.json and clean error reporting."""
+def run_task(name: str, results_dir, log_level: str, body, tensorflow: bool = False):
+    """Run ``body(status)`` with logging, status.json and clean error reporting.
+
+    ``tensorflow``: the task needs TensorFlow; import it first, without its
+    C++ start-up notices unless the log level is DEBUG.
+    """
     _setup_logging(log_level)
     from .io import Status
     results = Path(results_dir)
@@ -41,6 +45,9 @@ def run_task(name: str, results_dir, log_level: str, body):
     except OSError as e:
         _die(name, f"cannot write to results dir {results}: {e.strerror or e}")
     try:
+        if tensorflow and log_level != "DEBUG":
+            from ._tfquiet import import_tensorflow_quietly
+            import_tensorflow_quietly()
         out = body(status)
     except BpnetError as e:
         _fail(name, status, str(e), log_level)
@@ -180,7 +187,7 @@ def import_model_cmd(source, input_path, output_path, key, pose_config, results_
     def body(status):
         from .import_model import import_model
         return import_model(source, input_path, output_path, key=key, pose_config_path=pose_config)
-    run_task("import_model", results_dir, log_level, body)
+    run_task("import_model", results_dir, log_level, body, tensorflow=True)
 
 
 @main.command("evaluate")
@@ -198,7 +205,7 @@ def evaluate_cmd(inference_spec, model_filename, dataset_spec, key, results_dir,
         from .evaluate import evaluate
         return evaluate(inference_spec, dataset_spec, results_dir, model_path=model_filename,
                         key=key, status=status)
-    run_task("evaluate", results_dir, log_level, body)
+    run_task("evaluate", results_dir, log_level, body, tensorflow=True)
 
 
 @main.command("inference")
@@ -230,7 +237,7 @@ def inference_cmd(inference_spec, model_filename, input_type, input_path, image_
                              dump_visualizations=dump_visualizations, batch_size=batch_size,
                              max_frames=max_frames, status=status,
                              progress=sys.stderr.isatty())
-    run_task("inference", results_dir, log_level, body)
+    run_task("inference", results_dir, log_level, body, tensorflow=True)
 
 
 @main.command("train")
@@ -256,7 +263,7 @@ def train_cmd(experiment_spec_file, results_dir, key, gpus, use_amp, log_level):
         from .train import train
         return train(experiment_spec_file, out_dir, key=key, gpus=gpus, use_amp=use_amp,
                      status=status).as_status()
-    run_task("train", status_dir, log_level, body)
+    run_task("train", status_dir, log_level, body, tensorflow=True)
 
 
 if __name__ == "__main__":  # pragma: no cover
