@@ -18,6 +18,7 @@ Outputs in the results dir (each written atomically):
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import io
 import logging
@@ -126,7 +127,9 @@ def run_cocoeval(coco_gt, results, image_ids):
         log.warning("no person detected on any image: every KPI is 0")
         return {k: 0.0 for k in KPI_NAMES}
     with _quiet_stdout():
-        coco_dt = coco_gt.loadRes(results)
+        # loadRes rewrites each entry's bbox and area from all keypoints,
+        # (0, 0) of missing joints included; keep the caller's entries intact.
+        coco_dt = coco_gt.loadRes(copy.deepcopy(results))
         ev = COCOeval(coco_gt, coco_dt, "keypoints")
         ev.params.imgIds = sorted(image_ids)
         ev.evaluate()
