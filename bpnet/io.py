@@ -52,10 +52,11 @@ def write_text_atomic(path, text: str):
 
 
 def write_json_atomic(path, obj, indent: Optional[int] = 2):
-    write_text_atomic(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
+    write_text_atomic(path, json.dumps(obj, indent=indent, default=json_default) + "\n")
 
 
-def _json_default(o):
+def json_default(o):
+    """``json.dumps`` default for NumPy scalars and arrays and paths."""
     import numpy as np
     if isinstance(o, np.generic):
         return o.item()

@@ -16,7 +16,6 @@ Plain NumPy: no TensorFlow import here.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Tuple
 
 from bpnet.errors import BpnetError
-from bpnet.io import atomic_path
+from bpnet.io import atomic_path, json_default
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +50,11 @@ _ZIP_COMMENT_MAX = 65535
 
 # ------------------------------------------------------------------ helpers
 
-def _json_default(o):
-    import numpy as np
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
-
-
 def _meta_comment(meta: dict) -> bytes:
     from bpnet import __version__
     doc = {"format_version": FORMAT_VERSION, "bpnet_version": __version__, "meta": meta}
     try:
-        text = json.dumps(doc, default=_json_default, sort_keys=True)
+        text = json.dumps(doc, default=json_default, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise BpnetError(f"model metadata is not JSON serializable: {e}") from e
     comment = META_MAGIC + zlib.compress(text.encode(), 9)
