@@ -133,7 +133,15 @@ def _probe_writable(folder: Path, what: str):
 
 
 def _relpath(path: Path, root: Path) -> str:
-    return Path(os.path.relpath(path, root)).as_posix()
+    """``path`` relative to ``root`` when inside it, else absolute.
+
+    A folder outside the root stays absolute: "../" steps written relative to
+    a root reached through a symbolic link would resolve elsewhere.
+    """
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    if rel == ".." or rel.startswith(".." + os.sep):
+        return Path(os.path.abspath(path)).as_posix()
+    return Path(rel).as_posix()
 
 
 def _stale_files(prefix: Path, keep: Sequence[str]) -> List[Path]:
