@@ -373,6 +373,33 @@ def test_sample_converts_cleanly(sample, tmp_path):
     assert not [p for p in d.rglob(".*.tmp")]
 
 
+def test_mask_folder_outside_a_symlinked_root_is_stored_absolute(sample, tmp_path):
+    # The dataset is reached through a link and the masks go outside it: a
+    # relative "../" path from the link would resolve from the link's target.
+    real = _copy_sample(sample, tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    link = tmp_path / "elsewhere" / "link"
+    link.symlink_to(real, target_is_directory=True)
+    spec = json.loads((real / "sample_spec.json").read_text())
+    spec["train_data"]["mask_root_dir_path"] = str(tmp_path / "masks_outside")
+    (real / "sample_spec.json").write_text(json.dumps(spec))
+    res = CliRunner().invoke(main, ["dataset_convert", "-d", str(link / "sample_spec.json"),
+                                    "-o", str(tmp_path / "out" / "train"), "--generate_masks",
+                                    "--workers", "1", "-r", str(tmp_path / "results")])
+    assert res.exit_code == 0, res.output
+    recs = list(R.read_records(tmp_path / "out" / "train"))
+    masked = [r for r in recs if r["mask_path"]]
+    assert masked, "the sample data has crowd regions, so some records need masks"
+    root = Path(spec["root_directory_path"])
+    root = root if root.is_absolute() else link / root
+    for r in masked:
+        assert os.path.isabs(r["mask_path"]), r["mask_path"]
+        assert read_mask(os.path.join(root, r["mask_path"])).shape == (128, 128)
+    for r in recs:
+        assert not os.path.isabs(r["image_path"])  # inside the root: stays relative
+        assert (root / r["image_path"]).exists()
+
+
 def test_rerun_overwrites_and_cleans_leftovers(sample, tmp_path):
     d = _copy_sample(sample, tmp_path)
     assert _run_cli(d, "--generate_masks").exit_code == 0
