@@ -95,6 +95,16 @@ def common_options(default_results=None):
     return deco
 
 
+def model_options(f):
+    """-i (inference spec), -m (model file) and -k (key) of the tasks that run a model."""
+    f = click.option("-k", "--key", default=None, help="Key of an encrypted model.")(f)
+    f = click.option("-m", "--model_filename", default=None, type=click.Path(),
+                     help="Model file (Keras or ONNX); overrides the spec's model_path.")(f)
+    f = click.option("-i", "--inference_spec", required=True, type=click.Path(),
+                     help="Inference spec (YAML/JSON), e.g. specs/infer_spec.yaml.")(f)
+    return f
+
+
 class _OneLineErrors(click.Group):
     """Usage errors as one line ("bpnet TASK: error: ...") instead of click's usage block."""
 
@@ -191,13 +201,9 @@ def import_model_cmd(source, input_path, output_path, key, pose_config, results_
 
 
 @main.command("evaluate")
-@click.option("-i", "--inference_spec", required=True, type=click.Path(),
-              help="Inference spec (YAML/JSON), e.g. specs/infer_spec_mobilenet_thin.yaml.")
-@click.option("-m", "--model_filename", default=None, type=click.Path(),
-              help="Model file (Keras or ONNX); overrides the spec's model_path.")
+@model_options
 @click.option("-d", "--dataset_spec", required=True, type=click.Path(),
               help="Dataset spec whose test_data is evaluated.")
-@click.option("-k", "--key", default=None, help="Key of an encrypted model.")
 @common_options()
 def evaluate_cmd(inference_spec, model_filename, dataset_spec, key, results_dir, log_level):
     """COCO keypoint AP/AR of a model on a dataset spec's test_data."""
@@ -209,17 +215,13 @@ def evaluate_cmd(inference_spec, model_filename, dataset_spec, key, results_dir,
 
 
 @main.command("inference")
-@click.option("-i", "--inference_spec", required=True, type=click.Path(),
-              help="Inference spec (YAML/JSON), e.g. specs/infer_spec.yaml.")
-@click.option("-m", "--model_filename", default=None, type=click.Path(),
-              help="Model file (Keras or ONNX); overrides the spec's model_path.")
+@model_options
 @click.option("--input_type", type=click.Choice(["image", "dir", "json", "video"]), required=True,
               help="image: one file; dir: a folder of images; json: a list of paths or COCO-style "
                    "images[].file_name; video: a video file or a webcam index (e.g. 0).")
 @click.option("--input", "input_path", required=True, help="The image, folder, JSON file, video or webcam index.")
 @click.option("--image_root_path", default=None, type=click.Path(),
               help="Folder the paths of a json input are relative to.")
-@click.option("-k", "--key", default=None, help="Key of an encrypted model.")
 @click.option("--dump_visualizations", is_flag=True,
               help="Write annotated images (and, for video, an annotated video) under images_annotated/.")
 @click.option("--batch_size", type=click.IntRange(min=1), default=4, show_default=True,
