@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -56,14 +57,36 @@ def run_task(name: str, results_dir, log_level: str, body, tensorflow: bool = Fa
     except OSError as e:
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         _fail(name, status, f"{e.strerror or e}{where}", log_level)
-    except Exception as e:  # a bug: one line unless debugging
-        _fail(name, status, f"unexpected {type(e).__name__}: {e}", log_level, bug=True)
+    except Exception as e:
+        tf_message = tensorflow_error_message(e)
+        if tf_message is not None:  # raised inside a tf.data pipeline or a TF op
+            _fail(name, status, tf_message, log_level)
+        else:  # a bug: one line unless debugging
+            _fail(name, status, f"unexpected {type(e).__name__}: {e}", log_level, bug=True)
     else:
         if isinstance(out, dict):
             status.success("done", **out)
         else:
             status.success(out if isinstance(out, str) else "done")
         return out
+
+
+def tensorflow_error_message(e: BaseException):
+    """The one useful line of a TensorFlow runtime error, or None for other errors.
+
+    Errors raised while a tf.data pipeline runs (a file deleted after
+    dataset_convert, a BpnetError inside a py_function) arrive wrapped in
+    TensorFlow's OpError, with graph-node names and a Python traceback as text.
+    """
+    if not type(e).__module__.startswith("tensorflow"):
+        return None
+    text = str(getattr(e, "message", None) or e)
+    inner = re.findall(r"BpnetError: (.+)", text)
+    if inner:
+        return inner[-1].strip()
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    return re.sub(r"\s*\[Op:\w+\].*$", "", first).strip() or type(e).__name__
 
 
 def _fail(name, status, message, log_level, code=1, bug=False):

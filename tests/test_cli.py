@@ -111,3 +111,20 @@ def test_status_success_with_summary(tmp_path):
     status = json.loads((tmp_path / "res2" / "status.json").read_text())
     assert status["status"] == "SUCCESS" and status["records"] >= 1
     assert status["files"] == [str(tmp_path / "rec" / "train-fold-000-of-001")]
+
+
+def test_tensorflow_runtime_errors_come_out_as_their_useful_line():
+    tf = pytest.importorskip("tensorflow")
+    from bpnet.cli import tensorflow_error_message
+    nf = tf.errors.NotFoundError(
+        None, None, "{{function_node __wrapped__IteratorGetNext_output_types_4_device_/job:localhost"
+        "/replica:0/task:0/device:CPU:0}} /data/x.jpg; No such file or directory\n"
+        "\t [[{{node ReadFile}}]] [Op:IteratorGetNext] name: ")
+    assert tensorflow_error_message(nf) == "/data/x.jpg; No such file or directory"
+    wrapped = tf.errors.UnknownError(
+        None, None, "BpnetError: cannot read the mask /m/1.png: No such file or directory\n"
+        "Traceback (most recent call last):\n  File \"pipeline.py\", line 199, in _read\n"
+        "bpnet.errors.BpnetError: cannot read the mask /m/1.png: No such file or directory\n\n"
+        "\t [[{{node PyFuncStateless_1}}]]")
+    assert tensorflow_error_message(wrapped) == "cannot read the mask /m/1.png: No such file or directory"
+    assert tensorflow_error_message(ValueError("not from tensorflow")) is None

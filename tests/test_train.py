@@ -335,6 +335,26 @@ def test_missing_records_is_one_clear_error(sample, tmp_path):
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "FAILURE"
 
 
+def test_image_deleted_after_conversion_is_one_clear_error(sample, tmp_path):
+    # The pipeline checks one record per file before training; files that
+    # vanish later fail inside tf.data and must still come out as one line.
+    from bpnet.data.records import read_records
+    data = tmp_path / "data"
+    shutil.copytree(sample, data)
+    first = next(iter(read_records(data / "records" / "train-fold-000-of-001")))["image_path"]
+    gone = [p for p in (data / "images" / "train").iterdir() if p.name != Path(first).name]
+    for p in gone:
+        p.unlink()
+    spec = write_spec(tmp_path / "spec.yaml", data, **TINY)
+    p = bpnet("train", "-e", spec, "-r", tmp_path / "run")
+    assert p.returncode != 0
+    line = error_line(p)
+    assert "No such file or directory" in line and str(data / "images" / "train") in line, line
+    assert "Traceback" not in p.stderr and "function_node" not in p.stderr and "[[" not in line
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "FAILURE" and status["message"] == line.split("error: ", 1)[1]
+
+
 def test_records_of_another_pose_config_are_refused(sample, tmp_path):
     from bpnet.data.records import write_records
     joints = np.zeros((1, 5, 3), np.float32)
