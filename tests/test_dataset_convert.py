@@ -499,8 +499,14 @@ def test_check_files_reports_every_bad_image(sample, tmp_path):
     files[2].write_bytes(data[: len(data) // 2])  # cut in half
     data = files[3].read_bytes()
     files[3].write_bytes(data[:-2])  # only the end marker lost: decoders still return pixels
-    line = _assert_failed(d, _run_cli(d, "--check_files", "--generate_masks"), "4 of")
-    reasons = [line.split(f.name + ": ")[1] for f in files[:4]]
+    # An image without any person gives no record, but --check_files checks it too.
+    nobody = d / "images" / "train" / "nobody.jpg"
+    nobody.write_bytes(b"not a picture either")
+    doc["images"].append({"id": 999999, "file_name": nobody.name, "height": 128, "width": 128})
+    _ann(d).write_text(json.dumps(doc))
+    files.insert(4, nobody)
+    line = _assert_failed(d, _run_cli(d, "--check_files", "--generate_masks"), "5 of")
+    reasons = [line.split(f.name + ": ")[1] for f in files[:5]]
     assert reasons[0].startswith("missing")
     for r in reasons[1:]:  # OpenCV versions differ on which truncations still decode
         assert r.startswith("not a decodable image") or r.startswith("truncated JPEG"), line

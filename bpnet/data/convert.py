@@ -2,7 +2,8 @@
 
 Flow: read and validate the whole annotation file, pick the main persons
 and build the sample list (main process, cheap); check the images
-(existence always, decoding with --check_files, in worker processes); only
+(existence of those in records always; decoding of every image with
+--check_files, in worker processes); only
 then write anything. Workers render masks and serialize and frame records
 (no TensorFlow anywhere); the main process streams them into TFRecord files
 under temporary names and renames them at the end, so a failed or interrupted run leaves no
@@ -208,9 +209,11 @@ def dataset_convert(dataset_spec_path, output_filename, mode: str = "train", num
 
     t_loaded = time.perf_counter()
     # Check images before writing anything: all problems reported at once.
+    # --check_files decodes every image of the annotation file (a dataset
+    # check); without it, the images that go into records must exist.
     img_dir = str(images_dir)
     checks = [(os.path.join(img_dir, im.file_name), im.height, im.width, check_files)
-              for im in conv_images]
+              for im in (images if check_files else conv_images)]
     if check_files:
         bad = [r for r in _map(_check_image, checks, workers, "checking images", status) if r]
     else:
