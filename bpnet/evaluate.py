@@ -151,10 +151,10 @@ def format_table(kpi: dict, extra: Optional[dict] = None) -> str:
 def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=None, key=None,
              status=None, show_progress: bool = True) -> dict:
     """The ``bpnet evaluate`` task body; returns the summary stored in status.json."""
-    import cv2
     from tqdm import tqdm
 
     from .infer.predictor import Predictor
+    from .infer.preprocess import ImageReadError, read_image
     from .io import write_json_atomic, atomic_path
     from .specs import load_inference_spec, spec_to_dict
 
@@ -187,9 +187,10 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
 
     # One untimed run first: graph tracing and the decoder's JIT compilation
     # happen once per process and would otherwise be billed to the first image.
-    first = cv2.imread(str(present[0][1]), cv2.IMREAD_COLOR)
-    if first is not None:
-        predictor.predict(first)
+    try:
+        predictor.predict(read_image(present[0][1]))
+    except ImageReadError:
+        pass  # reported with the other images below
 
     det_images, coco_dets, evaluated = [], [], []
     unreadable = []
@@ -197,9 +198,10 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
     t_start = time.perf_counter()
     bar = tqdm(present, desc="evaluate", unit="img", disable=not show_progress)
     for n, (iid, path) in enumerate(bar, start=1):
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            log.warning("%s: cannot decode the image; skipped", path)
+        try:
+            image = read_image(path)
+        except ImageReadError as e:
+            log.warning("%s; skipped", e)
             unreadable.append(path)
             continue
         people, timings = predictor.predict(image)

@@ -9,8 +9,10 @@ clear message and write no results.
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,19 +138,31 @@ def test_evaluate_rejects_dataset_spec_without_test_data(tmp_path, model_file):
     assert json.loads((out / "status.json").read_text())["status"] == "FAILURE"
 
 
-def test_evaluate_skips_and_counts_missing_images(tmp_path, model_file):
+def test_evaluate_skips_and_counts_missing_and_unreadable_images(tmp_path, model_file):
+    import cv2
     from bpnet.evaluate import evaluate
     ann = json.loads((COCO_TINY / "annotations" / "person_keypoints_val2017.json").read_text())
+    imgs = tmp_path / "imgs"
+    shutil.copytree(COCO_TINY / "val2017", imgs)
+    (imgs / "corrupt.jpg").write_bytes(b"not a picture")
+    # A 16-bit PNG of a real image: read like any other picture (as inference reads it).
+    first = ann["images"][0]
+    src = cv2.imread(str(imgs / first["file_name"]))
+    cv2.imwrite(str(imgs / "deep.png"), src.astype(np.uint16) * 257)
     ann["images"].append({"id": 999999001, "file_name": "not_there.jpg", "width": 640, "height": 480})
+    ann["images"].append({"id": 999999002, "file_name": "corrupt.jpg", "width": 640, "height": 480})
+    ann["images"].append({**first, "id": 999999003, "file_name": "deep.png"})
     ann_path = tmp_path / "ann.json"
     ann_path.write_text(json.dumps(ann))
-    ds = _dataset_spec(tmp_path, images_root_dir_path=str(COCO_TINY / "val2017"),
-                       annotation_root_dir_path=str(ann_path))
+    ds = _dataset_spec(tmp_path, images_root_dir_path=str(imgs), annotation_root_dir_path=str(ann_path))
     out = evaluate(REPO / "specs" / "infer_spec_mobilenet_thin.yaml", ds, tmp_path / "r",
                    model_path=model_file, show_progress=False)
-    assert out["images_missing"] == 1 and out["images_evaluated"] == 4
+    assert out["images_missing"] == 1 and out["images_unreadable"] == 1
+    assert out["images_evaluated"] == 5
     det = json.loads((tmp_path / "r" / "detections.json").read_text())
-    assert all("not_there" not in im["full_image_path"] for im in det["images"])
+    by_name = {Path(im["full_image_path"]).name: im for im in det["images"]}
+    assert "not_there.jpg" not in by_name and "corrupt.jpg" not in by_name
+    assert by_name["deep.png"]["keypoints"] == by_name[first["file_name"]]["keypoints"]
 
 
 def test_evaluate_rejects_model_whose_pose_does_not_match_dataset(tmp_path, model_file):
