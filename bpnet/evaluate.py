@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 
 from .errors import BpnetError
 
@@ -101,25 +100,6 @@ def check_pose_matches(pose, dataset_keypoints, dataset_spec_path, model_desc):
     return mapping
 
 
-def coco_results(people_keypoints, mapping, image_id: int, category_id: int, person_scores):
-    """COCO result entries for one image's people ([N, J, 3] model joints: x, y, score)."""
-    kps = np.asarray(people_keypoints, dtype=np.float64)
-    if kps.size == 0:
-        return []
-    ds = mapping.model_to_dataset(kps[..., :2], scores=kps[..., 2])
-    out = []
-    for p in range(ds.shape[0]):
-        present = ds[p, :, 2] > 0
-        # COCOeval reads x and y only; v marks detected joints for readers.
-        flat = np.zeros((ds.shape[1], 3))
-        flat[present, :2] = ds[p, present, :2]
-        flat[present, 2] = 1.0
-        out.append({"image_id": int(image_id), "category_id": int(category_id),
-                    "keypoints": [round(float(v), 2) for v in flat.ravel()],
-                    "score": float(person_scores[p])})
-    return out
-
-
 def run_cocoeval(coco_gt, results, image_ids):
     """COCOeval on keypoints over ``image_ids``; returns {KPI name: value}."""
     from pycocotools.cocoeval import COCOeval
@@ -153,6 +133,7 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
     """The ``bpnet evaluate`` task body; returns the summary stored in status.json."""
     from tqdm import tqdm
 
+    from .infer.outputs import coco_results, image_entry
     from .infer.predictor import Predictor
     from .infer.preprocess import ImageReadError, read_image
     from .io import write_json_atomic, atomic_path
@@ -207,16 +188,8 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
         people, timings = predictor.predict(image)
         net_s += float(timings.get("network_s", 0.0))
         dec_s += float(timings.get("decode_s", 0.0))
-        kps = np.asarray(people.keypoints, dtype=np.float64).reshape(-1, predictor.pose.num_joints, 3)
-        scores = np.asarray(people.scores, dtype=np.float64).reshape(-1)
-        det_images.append({
-            "full_image_path": str(path),
-            "image_id": int(iid),
-            "keypoints": [[[round(float(x), 2), round(float(y), 2)] if s > 0 else [0.0, 0.0]
-                           for x, y, s in person] for person in kps],
-            "scores": [round(float(s), 5) for s in scores],
-        })
-        coco_dets.extend(coco_results(kps, mapping, iid, cat.id, scores))
+        det_images.append(image_entry(str(path), people, image_id=int(iid)))
+        coco_dets.extend(coco_results(people, int(iid), mapping, cat.id))
         evaluated.append(iid)
         if status is not None:
             status.progress(n, len(present), message=f"evaluating {path.name}")
