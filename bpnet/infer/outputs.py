@@ -83,6 +83,6 @@ def coco_results(people, image_id, mapping=None, category_id: int = 1) -> List[d
         for j in range(k.shape[0]):
             flat += [_r(k[j, 0]), _r(k[j, 1]), _r(k[j, 2], 4)] if present[j] else [0, 0, 0]
         out.append({"image_id": image_id, "category_id": category_id, "keypoints": flat,
-                    "score": _r(people.scores[n], 5),
+                    "score": float(people.scores[n]),  # unrounded: COCOeval ranks by it
                     "bbox": [_r(x0), _r(y0), _r(x1 - x0), _r(y1 - y0)]})
     return out
