@@ -7,3 +7,7 @@ class BpnetError(Exception):
     The CLI prints its message on one line and exits non-zero; any other
     exception is a bug and shows a traceback only with --log_level DEBUG.
     """
+
+
+class SpecError(BpnetError):
+    """A spec or config file that cannot be read or does not validate."""

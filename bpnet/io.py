@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .errors import SpecError
+
 
 def _read_umask() -> int:
     mask = os.umask(0o022)
@@ -105,3 +107,30 @@ class Status:
 
     def failure(self, message: str):
         self._write("FAILURE", message)
+
+
+def read_mapping(path) -> dict:
+    """Read a YAML or JSON file into a dict, with clear errors."""
+    path = Path(path)
+    if not path.exists():
+        raise SpecError(f"{path}: file not found")
+    if path.is_dir():
+        raise SpecError(f"{path}: is a folder, expected a YAML or JSON file")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: cannot read ({e})") from e
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text)
+    except Exception as e:  # yaml/json both have several error types
+        raise SpecError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: the top level must be a mapping of keys to values")
+    return data

@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import BpnetError
+from .io import read_mapping
 
 # Canonical visibility codes inside bpnet (COCO's): 0 not labeled,
 # 1 labeled but occluded, 2 labeled and visible.
@@ -189,7 +190,6 @@ def pose_config_from_dict(d: dict, source: str = "<dict>") -> PoseConfig:
 
 
 def load_pose_config(path) -> PoseConfig:
-    from .specs import read_mapping  # local import keeps pose.py standalone-light
     path = Path(path)
     return pose_config_from_dict(read_mapping(path), str(path))
 

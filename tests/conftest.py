@@ -24,3 +24,64 @@ def need(path: Path):
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+# ------------------------------------------------------------------ running the command
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def _bpnet_cmd():
+    import sys
+    script = Path(sys.executable).parent / "bpnet"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "bpnet.cli"]
+
+
+def bpnet_cli(*args, cwd=None, env=None, timeout=600, check=False):
+    """Run ``bpnet ARGS`` in a subprocess (the installed console script when there is
+    one); returns the CompletedProcess with text stdout/stderr. ``check``: assert exit 0."""
+    import subprocess
+    p = subprocess.run(_bpnet_cmd() + [str(a) for a in args], capture_output=True, text=True,
+                       cwd=cwd or REPO, env=env or ENV, timeout=timeout)
+    if check:
+        assert p.returncode == 0, f"bpnet {' '.join(map(str, args))} failed:\n{p.stderr[-3000:]}"
+    return p
+
+
+def invoke(*args):
+    """Run ``bpnet ARGS`` in this process (click's CliRunner); returns its Result."""
+    from click.testing import CliRunner
+
+    from bpnet.cli import main
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def error_lines(stderr: str, task: str):
+    """The ``bpnet TASK: error: ...`` lines of a run's stderr."""
+    return [ln for ln in stderr.splitlines() if ln.startswith(f"bpnet {task}: error:")]
+
+
+# ------------------------------------------------------------------ ONNX files for runner tests
+
+def keras_to_onnx(model, meta: dict, out_path, input_shape=(None, None, None, 3), stage=None,
+                  input_name="input_1", opset=17):
+    """One stage (default: the last) of a Keras bpnet model as an ONNX file with the meta
+    in its ``bpnet_meta`` metadata_props entry, converted with tf2onnx."""
+    import json
+
+    import onnx
+    import tensorflow as tf
+    import tf2onnx
+
+    from bpnet.model.build import stage_model
+    from bpnet.model.meta import ONNX_META_KEY
+    one = stage_model(model, stage)
+    fn = tf.function(lambda x: one(x, training=False), autograph=False)
+    proto, _ = tf2onnx.convert.from_function(
+        fn, input_signature=[tf.TensorSpec(list(input_shape), tf.float32, name=input_name)],
+        opset=opset)
+    meta = {k: v for k, v in meta.items() if k != "num_stages"}  # the file has one stage
+    onnx.helper.set_model_props(proto, {ONNX_META_KEY: json.dumps(meta)})
+    out_path = Path(out_path)
+    onnx.save(proto, str(out_path))
+    return out_path
