@@ -170,7 +170,7 @@ def pose_config_from_dict(d: dict, source: str = "<dict>") -> PoseConfig:
         synth[k] = (v[0], v[1])
     nsl = d.get("no_start_limbs")
     if nsl is None:
-        # Eye-ear limbs never start a person (REFERENCE section 7).
+        # Default: the eye-ear limbs (limbs whose two ends are both face joints).
         def is_face(j):
             return "eye" in names[j] or "ear" in names[j]
         nsl = [k + 1 for k, (a, b) in enumerate(skeleton) if is_face(a) and is_face(b)]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import os
 import typing
@@ -23,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .errors import BpnetError, SpecError
+from .errors import SpecError
 from .io import read_mapping
+from .model.build import MODEL_CLASSES
+from .model.meta import DEFAULT_NORMALIZATION, STRIDE
 
 
 def path_field(default=None, **kw):
@@ -120,6 +121,12 @@ def _convert(tp, value, where: str, ctx: _Ctx, is_path: bool):
 def _build(cls, data: dict, where: str, ctx: _Ctx):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    # A class whose files may spell a value in another place than its field
+    # (TAO's top-level decoder keys) rewrites the mapping first.
+    rewrite = getattr(cls, "_rewrite_mapping", None)
+    if rewrite is not None:
+        data = rewrite(data, where, ctx)
+    aliases = getattr(cls, "KEY_ALIASES", ())
     kwargs = {}
     class_names = getattr(cls, "CLASS_NAMES", None)
     for key, value in data.items():
@@ -131,8 +138,9 @@ def _build(cls, data: dict, where: str, ctx: _Ctx):
                 kwargs["class_name"] = value
             continue
         if key not in fields or key == "class_name":
-            near = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
-            hint = f" (did you mean {near[0]!r}?)" if near else f"; known keys: {', '.join(sorted(fields))}"
+            known = list(fields) + list(aliases)
+            near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f" (did you mean {near[0]!r}?)" if near else f"; known keys: {', '.join(sorted(known))}"
             ctx.fail(kpath, f"unknown key{hint}")
         f = fields[key]
         conv = _convert(hints[key], value, kpath, ctx, f.metadata.get("path", False))
@@ -348,8 +356,10 @@ class DatasetConfig:
 
 @dataclass
 class NormalizationParams:
-    image_scale: List[float] = field(default_factory=lambda: [256.0, 256.0, 256.0])
-    image_offset: List[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_scale: List[float] = field(
+        default_factory=lambda: list(DEFAULT_NORMALIZATION["image_scale"]))
+    image_offset: List[float] = field(
+        default_factory=lambda: list(DEFAULT_NORMALIZATION["image_offset"]))
     mask_scale: List[float] = field(default_factory=lambda: [255.0])
     mask_offset: List[float] = field(default_factory=lambda: [0.0])
 
@@ -423,7 +433,7 @@ class LabelProcessorConfig:
     heatmap_gaussian_sigma: float = 7.0
     paf_ortho_dist_thresh: float = 1.0
     # TAO's key, never used there; bpnet uses it for nothing either but
-    # accepts it so TAO specs load (see README, "TAO differences").
+    # accepts it so TAO specs load unchanged.
     paf_gaussian_sigma: float = 0.03
 
     def check(self):
@@ -462,9 +472,6 @@ class BackboneAttributes:
         if self.architecture == "vgg" and self.nlayers != 19:
             return [("nlayers", f"vgg supports nlayers 19, got {self.nlayers}")]
         return []
-
-
-MODEL_CLASSES = ("BpNetModel", "BpNetLiteModel", "MobileNetThinModel")
 
 
 @dataclass
@@ -590,8 +597,6 @@ class TrainSpec:
     loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
-    STRIDE = 8
-
     def check(self):
         out = _positive(self, ["num_epoch", "checkpoint_n_epoch", "validation_every_n_epoch",
                                "max_ckpt_to_keep"])
@@ -602,11 +607,11 @@ class TrainSpec:
                         f"num_epoch {self.num_epoch}"))
         dims = self.dataloader.image_config.image_dims
         th, tw = self.dataloader.pose_config.target_shape
-        if (th * self.STRIDE, tw * self.STRIDE) != (dims.height, dims.width):
+        if (th * STRIDE, tw * STRIDE) != (dims.height, dims.width):
             out.append(("dataloader.pose_config.target_shape",
-                        f"{[th, tw]} x stride {self.STRIDE} = {[th * self.STRIDE, tw * self.STRIDE]} "
+                        f"{[th, tw]} x stride {STRIDE} = {[th * STRIDE, tw * STRIDE]} "
                         f"does not match image_dims {[dims.height, dims.width]}; use "
-                        f"{[dims.height // self.STRIDE, dims.width // self.STRIDE]}"))
+                        f"{[dims.height // STRIDE, dims.width // STRIDE]}"))
         if self.steps_per_epoch is not None and self.steps_per_epoch <= 0:
             out.append(("steps_per_epoch", "must be > 0"))
         return out
@@ -618,8 +623,74 @@ def load_train_spec(path) -> TrainSpec:
 
 # ================================================================ inference spec
 
+REFINE_MODES = ("gaussian", "quadratic", "none")
+
+
+@dataclass
+class DecoderConfig:
+    """Every setting of the decoder (``bpnet.infer.decode``), with its defaults.
+
+    The inference spec's ``decoder:`` section; ``decode()`` takes one as it
+    is. Lengths are in map cells. ``min_parts`` defaults to 4 as TAO filters;
+    3 keeps more of COCO's many small people (what the decoder benchmark uses).
+    """
+
+    heatmap_threshold: float = 0.1  # the least peak value
+    paf_threshold: float = 0.05  # the least PAF projection for a limb sample to pass
+    refine: str = "gaussian"  # sub-cell peak fit: "gaussian", "quadratic" or "none"
+    min_pass_fraction: float = 0.8  # of a limb's samples that must pass paf_threshold
+    min_samples: int = 4  # samples per limb, at least ...
+    max_samples: int = 20  # ... and at most
+    max_limb_length: Optional[float] = None  # None: the maps' larger side
+    length_weight: float = 1e-6  # ties between limbs go to the shorter one
+    min_parts: int = 4  # people with fewer joints need small_person_score
+    min_person_score: float = 0.4  # the least mean joint and limb score of a person
+    small_person_score: float = 0.8  # the same for people under min_parts joints
+    completeness: float = 3.0  # ranking score = mean score * (1 - exp(-joints / completeness))
+    merge_max_hops: int = 4  # fragments are merged through joints at most this many limbs apart
+    merge_ratio: float = 1.0  # ... within merge_ratio x hops x mean limb length (0: no merging)
+    max_peaks: int = 128  # per joint, the strongest kept (0: all)
+
+    def check(self):
+        out = []
+        if not 0 <= self.heatmap_threshold < 1:
+            out.append(("heatmap_threshold", "must be in [0, 1)"))
+        if not -1 <= self.paf_threshold < 1:
+            out.append(("paf_threshold", "must be in [-1, 1)"))
+        if self.refine not in REFINE_MODES:
+            choices = ", ".join(map(repr, REFINE_MODES))
+            out.append(("refine", f"must be one of {choices}, got {self.refine!r}"))
+        if not 0 <= self.min_pass_fraction <= 1:
+            out.append(("min_pass_fraction", "must be in [0, 1]"))
+        if self.min_samples < 1:
+            out.append(("min_samples", "must be >= 1"))
+        if self.max_samples < self.min_samples:
+            out.append(("max_samples", f"must be >= min_samples {self.min_samples}"))
+        if self.max_limb_length is not None and self.max_limb_length <= 0:
+            out.append(("max_limb_length", "must be > 0 (or null for the maps' larger side)"))
+        if self.min_parts < 1:
+            out.append(("min_parts", "must be >= 1"))
+        if self.completeness <= 0:
+            out.append(("completeness", "must be > 0"))
+        if self.merge_max_hops < 1:
+            out.append(("merge_max_hops", "must be >= 1"))
+        for name in ("length_weight", "merge_ratio", "max_peaks"):
+            if getattr(self, name) < 0:
+                out.append((name, "must be >= 0"))
+        return out
+
+
+# TAO's inference spec keeps these at the top level; there they set the
+# decoder's values, so a TAO spec loads unchanged.
+TAO_DECODER_KEYS = ("heatmap_threshold", "paf_threshold")
+# bpnet's own older top-level keys, now in the decoder section only.
+MOVED_TO_DECODER = ("min_parts", "min_person_score")
+
+
 @dataclass
 class InferenceSpec:
+    KEY_ALIASES = TAO_DECODER_KEYS
+
     model_path: Optional[str] = path_field(None)
     train_spec: Optional[str] = path_field(None)
     input_shape: List[int] = field(default_factory=lambda: [368, 368])
@@ -627,14 +698,43 @@ class InferenceSpec:
         "adjust_network_input", ["adjust_network_input", "pad_image_input", None])
     output_stage_to_use: Optional[int] = None
     output_upsampling_factor: List[int] = field(default_factory=lambda: [8, 8])
-    heatmap_threshold: float = 0.1
-    paf_threshold: float = 0.05
     multi_scale_inference: bool = False
     scales: List[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
     # bpnet extensions
     flip_test: bool = False  # also run the mirrored image and average maps
-    min_parts: int = 4  # people with fewer detected joints are dropped
-    min_person_score: float = 0.4
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+    @staticmethod
+    def _rewrite_mapping(data: dict, where: str, ctx: _Ctx) -> dict:
+        """Move TAO's top-level decoder keys into the decoder section."""
+        def at(key):
+            return f"{where}.{key}" if where else key
+
+        for key in MOVED_TO_DECODER:
+            if key in data:
+                ctx.fail(at(key), f"has moved into the decoder section; write it as "
+                         f"decoder: {{{key}: {data[key]}}}")
+        given = [k for k in TAO_DECODER_KEYS if k in data]
+        if not given:
+            return data
+        data = dict(data)
+        section = data.get("decoder", {})
+        if not isinstance(section, dict):
+            ctx.fail(at("decoder"), f"expected a mapping, got {type(section).__name__} {section!r}")
+        section = dict(section)
+        for key in given:
+            value = _convert(float, data.pop(key), at(key), ctx, False)
+            # Checked here so that a bad value is reported where it was written.
+            for _, msg in DecoderConfig(**{key: value}).check():
+                ctx.fail(at(key), msg)
+            if key in section:
+                inner = _convert(float, section[key], at(f"decoder.{key}"), ctx, False)
+                if inner != value:
+                    ctx.fail(at(key), f"is {value} but decoder.{key} is {inner}; set it in "
+                             "one place")
+            section[key] = value
+        data["decoder"] = section
+        return data
 
     def check(self):
         out = []
@@ -644,12 +744,6 @@ class InferenceSpec:
             out.append(("output_stage_to_use", "is 1-based (1 = first stage) or null for the last"))
         if not self.scales or min(self.scales) <= 0:
             out.append(("scales", "must be a non-empty list of positive factors"))
-        if not 0 <= self.heatmap_threshold < 1:
-            out.append(("heatmap_threshold", "must be in [0, 1)"))
-        if not -1 <= self.paf_threshold < 1:
-            out.append(("paf_threshold", "must be in [-1, 1)"))
-        if self.min_parts < 1:
-            out.append(("min_parts", "must be >= 1"))
         return out
 
 

@@ -33,12 +33,16 @@ def main():
 
     from bpnet.model.build import build_model
     from bpnet.model.io import load_model, save_model
+    from bpnet.model.meta import DEFAULT_NORMALIZATION, make_meta
     from bpnet.pose import load_pose_config
-    from bpnet.specs import ModelConfig, default_pose_config_path
+    from bpnet.specs import ModelConfig, build_spec, default_pose_config_path, spec_to_dict
 
     pose = load_pose_config(default_pose_config_path())
-    cfg = ModelConfig(class_name=args.model, stages=args.stages, heat_channels=pose.heat_channels,
-                      paf_channels=pose.paf_channels, width_multiplier=args.width_multiplier)
+    # Through the spec loader, which holds the value rules (stages >= 2, ...).
+    cfg = build_spec(ModelConfig, {"__class_name__": args.model, "stages": args.stages,
+                                   "heat_channels": pose.heat_channels,
+                                   "paf_channels": pose.paf_channels,
+                                   "width_multiplier": args.width_multiplier}, "bench_model")
     model = build_model(cfg, pose)
     h, w = args.input
     x = np.random.default_rng(0).random((args.batch, h, w, 3)).astype("float32")
@@ -54,7 +58,7 @@ def main():
            "device": platform.processor() or platform.machine(),
            "cpu_count": os.cpu_count(),
            "forward_ms": round(1000 * statistics.median(times), 1)}
-    meta = {"pose_config": pose.to_dict(), "stride": 8}
+    meta = make_meta(pose, DEFAULT_NORMALIZATION, spec_to_dict(cfg))
     with tempfile.TemporaryDirectory() as d:
         for label, key in (("plain", None), ("encrypted", "bench-key")):
             p = os.path.join(d, f"{label}.keras")

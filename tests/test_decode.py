@@ -1,6 +1,8 @@
 """The PAF decoder on maps rendered by the project's own label renderer."""
 
 import contextlib
+import dataclasses
+import inspect
 import io
 import json
 
@@ -11,7 +13,10 @@ from bpnet.data.labels import render_labels
 from bpnet.errors import BpnetError
 from bpnet.infer import _decode_kernels as K
 from bpnet.infer.decode import People, decode, numba_available
+from bpnet.infer.runners import Runner
+from bpnet.model.meta import DEFAULT_NORMALIZATION, STRIDE, make_meta
 from bpnet.pose import load_pose_config, pose_config_from_dict
+from bpnet.specs import DecoderConfig, InferenceSpec, load_inference_spec
 
 from conftest import COCO_VAL_ANN, REPO, need
 
@@ -84,7 +89,7 @@ def test_real_annotations_high_ap_exact_and_noisy(coco_gt):
         hn = heat + rng.normal(0, 1e-4, heat.shape).astype(np.float32)
         pn = paf + rng.normal(0, 1e-4, paf.shape).astype(np.float32)
         noisy.append((img_id, decode(hn, pn, POSE)))
-    # Open decoders reach 0.71-0.82 on such maps (REFERENCE.md section 10).
+    # The open decoders reach 0.71-0.82 on maps rendered this way.
     assert coco_ap(coco, mapping, exact) >= 0.85
     assert coco_ap(coco, mapping, noisy) >= 0.85
 
@@ -313,7 +318,9 @@ def test_pieces_of_one_person_are_merged_but_neighbours_stay_apart():
     heads = np.zeros((2, 18, 3), np.float32)
     for n, cx in enumerate((60.0, 200.0)):
         heads[n, [0, 14, 15], :] = [[cx, 50, 2], [cx - 6, 44, 2], [cx + 6, 44, 2]]
-    out = decode(*render_labels(heads, POSE, (120, 260)), POSE)
+    # min_parts 3 keeps them on their mean score alone (the default, 4, asks
+    # a 3-joint person for small_person_score).
+    out = decode(*render_labels(heads, POSE, (120, 260)), POSE, min_parts=3)
     assert out.present().sum(1).tolist() == [3, 3]
 
 
@@ -343,3 +350,84 @@ def test_noisy_maps_with_no_threshold_stay_bounded(use_numba):
     strongest = np.sort(heat[..., 0].ravel())[-20:]
     assert set(np.round(out.keypoints[out.present()[:, 0], 0, 2], 6)) == \
         set(np.round(strongest, 6))
+
+
+# ------------------------------------------------------------------ the decoder's settings
+
+def test_config_and_overrides_set_the_decoder():
+    heat, paf = render_labels(one_person()[None], POSE, (256, 200))
+    strict = DecoderConfig(min_parts=19, small_person_score=1.01)
+    assert len(decode(heat, paf, POSE, config=strict)) == 0
+    # Overrides go on top of the config, which stays as it was.
+    assert len(decode(heat, paf, POSE, config=strict, min_parts=18)) == 1
+    assert strict.min_parts == 19
+    # Bad values are DecoderConfig's own errors, named by field.
+    with pytest.raises(ValueError, match="min_parts must be >= 1"):
+        decode(heat, paf, POSE, min_parts=0)
+    with pytest.raises(ValueError, match="refine must be one of 'gaussian'"):
+        decode(heat, paf, POSE, refine="cubic")
+    with pytest.raises(ValueError, match="max_samples must be >= min_samples 4"):
+        decode(heat, paf, POSE, config=DecoderConfig(max_samples=2))
+    # The fifth argument was heatmap_threshold before the config took its place.
+    with pytest.raises(TypeError, match="config must be a DecoderConfig"):
+        decode(heat, paf, POSE, 8, 0.1)
+
+
+def test_decoder_defaults_live_in_decoder_config_only():
+    import bpnet.infer.decode as D
+    params = inspect.signature(decode).parameters
+    assert list(params) == ["heatmaps", "pafs", "pose", "stride", "config", "use_numba",
+                            "overrides"]
+    assert params["stride"].default == STRIDE and params["config"].default is None
+    assert not hasattr(D, "DEFAULTS")
+    assert len(dataclasses.fields(DecoderConfig)) == 15
+    assert InferenceSpec().decoder == DecoderConfig()
+    # No config, an explicit default one, and the default one field by field: the same people.
+    people = np.stack([one_person(80, 120), one_person(200, 130, s=1.2)])
+    heat, paf = render_labels(people, POSE, (256, 300))
+    a = decode(heat, paf, POSE)
+    b = decode(heat, paf, POSE, config=DecoderConfig())
+    c = decode(heat, paf, POSE, **dataclasses.asdict(DecoderConfig()))
+    for other in (b, c):
+        np.testing.assert_array_equal(a.keypoints, other.keypoints)
+        np.testing.assert_array_equal(a.scores, other.scores)
+
+
+class _RenderedRunner(Runner):
+    """Stands in for a network: the maps of one person drawn at the input's centre."""
+
+    def __init__(self):
+        self.meta = make_meta(POSE, DEFAULT_NORMALIZATION, {})
+        self.pose = POSE
+        self.path = "<rendered>"
+
+    def run(self, batch):
+        h, w = batch.shape[1:3]
+        heat, paf = render_labels(one_person(w / 2, h / 2)[None], POSE, (h, w))
+        return (np.repeat(heat[None], len(batch), 0), np.repeat(paf[None], len(batch), 0))
+
+
+def test_predictor_decodes_with_the_spec_decoder_section(tmp_path, monkeypatch):
+    import bpnet.infer.decode as D
+    from bpnet.infer.predictor import Predictor
+    path = tmp_path / "infer.yaml"
+    path.write_text("input_shape: [256, 256]\nkeep_aspect_ratio_mode: null\n"
+                    "heatmap_threshold: 0.2\n"
+                    "decoder: {min_parts: 19, small_person_score: 1.01, refine: quadratic}\n")
+    spec = load_inference_spec(path)
+    seen = []
+    real = D.decode
+
+    def spy(*args, **kw):
+        seen.append(kw.get("config"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(D, "decode", spy)
+    image = np.full((256, 256, 3), 128, np.uint8)
+    people, _ = Predictor(spec, runner=_RenderedRunner()).predict(image)
+    assert len(people) == 0  # 18 joints < min_parts 19, and nobody reaches 1.01
+    assert seen[0] is spec.decoder
+    assert (seen[0].heatmap_threshold, seen[0].refine) == (0.2, "quadratic")
+    people, _ = Predictor(InferenceSpec(input_shape=[256, 256], keep_aspect_ratio_mode=None),
+                          runner=_RenderedRunner()).predict(image)
+    assert len(people) == 1 and people.present().sum() == 18

@@ -1,5 +1,6 @@
 """Spec files: every shipped spec loads; bad specs fail with file, key path and a hint."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -7,11 +8,13 @@ import pytest
 import yaml
 
 from bpnet.errors import BpnetError
+from bpnet.model.build import MODEL_CLASSES
 from bpnet.pose import load_pose_config
-from bpnet.specs import (AUGMENTATION_MODES, DatasetSpec, InferenceSpec, TrainSpec, build_spec,
-                         load_dataset_spec, load_inference_spec, load_train_spec, spec_to_dict)
+from bpnet.specs import (AUGMENTATION_MODES, DatasetSpec, DecoderConfig, InferenceSpec,
+                         ModelConfig, TrainSpec, build_spec, load_dataset_spec,
+                         load_inference_spec, load_train_spec, spec_to_dict)
 
-from conftest import REPO
+from conftest import REPO, SHARED, need
 
 TRAIN = REPO / "specs" / "bpnet_train_m1_coco.yaml"
 
@@ -55,6 +58,28 @@ def test_tao_tutorial_values():
     # The spec round-trips through its plain-dict form.
     again = build_spec(TrainSpec, spec_to_dict(spec))
     assert spec_to_dict(again) == spec_to_dict(spec)
+
+
+def test_tao_inference_specs_load_unchanged():
+    """TAO's own inference specs: their top-level thresholds are the decoder's."""
+    folder = need(SHARED / "data" / "tao_specs")
+    paths = sorted(folder.glob("infer_spec*.yaml"))
+    assert len(paths) >= 6
+    for path in paths:
+        spec = load_inference_spec(path)
+        assert spec.decoder == DecoderConfig(heatmap_threshold=0.1, paf_threshold=0.05), path
+        assert spec.keep_aspect_ratio_mode in ("adjust_network_input", "pad_image_input")
+
+
+def test_shipped_bpnet_inference_specs_use_the_decoder_section():
+    spec = load_inference_spec(REPO / "specs" / "infer_spec_mobilenet_thin.yaml")
+    assert spec.decoder == DecoderConfig(heatmap_threshold=0.05, paf_threshold=0.05,
+                                         min_parts=4, min_person_score=0.2)
+    sample = load_inference_spec(REPO / "specs" / "infer_spec_sample.yaml")
+    assert sample.decoder.min_person_score == 0.2 and sample.flip_test
+    # The spec round-trips through its plain-dict form, decoder section included.
+    again = build_spec(InferenceSpec, spec_to_dict(spec))
+    assert again == spec
 
 
 def test_inference_spec_variants():
@@ -240,3 +265,83 @@ def test_paths_resolve_against_spec_folder(tmp_path):
     spec = load_train_spec(_write(sub, d))
     assert Path(spec.checkpoint_dir) == sub / "out" / "run1"
     assert Path(spec.dataloader.dataset_config.dataset_specs["coco"]) == tmp_path / "ds" / "coco.json"
+
+
+# ------------------------------------------------------------------ the decoder section
+
+INFER = REPO / "specs" / "infer_spec.yaml"
+
+
+def _infer_dict(**changes):
+    d = yaml.safe_load(INFER.read_text())
+    d.update(changes)
+    return d
+
+
+def test_decoder_section_sets_every_decoder_value(tmp_path):
+    values = {"heatmap_threshold": 0.2, "paf_threshold": 0.1, "refine": "quadratic",
+              "min_pass_fraction": 0.7, "min_samples": 3, "max_samples": 12,
+              "max_limb_length": 40.0, "length_weight": 0.0, "min_parts": 3,
+              "min_person_score": 0.3, "small_person_score": 0.9, "completeness": 2.0,
+              "merge_max_hops": 2, "merge_ratio": 0.5, "max_peaks": 64}
+    assert set(values) == {f.name for f in dataclasses.fields(DecoderConfig)}
+    d = _infer_dict()
+    del d["heatmap_threshold"], d["paf_threshold"]
+    d["decoder"] = values
+    spec = load_inference_spec(_write(tmp_path, d))
+    assert spec.decoder == DecoderConfig(**values)
+    # Unset values keep DecoderConfig's defaults.
+    d["decoder"] = {"min_parts": 3}
+    spec = load_inference_spec(_write(tmp_path, d))
+    assert spec.decoder == DecoderConfig(min_parts=3)
+
+
+def test_tao_top_level_thresholds_set_the_decoder(tmp_path):
+    spec = load_inference_spec(_write(tmp_path, _infer_dict(heatmap_threshold=0.3,
+                                                            decoder={"min_parts": 2})))
+    assert (spec.decoder.heatmap_threshold, spec.decoder.min_parts) == (0.3, 2)
+    # The same value in both places is no conflict.
+    spec = load_inference_spec(_write(tmp_path, _infer_dict(paf_threshold=0.05,
+                                                            decoder={"paf_threshold": 0.05})))
+    assert spec.decoder.paf_threshold == 0.05
+    assert not hasattr(spec, "heatmap_threshold")  # the decoder section is its one home
+
+
+def test_tao_threshold_conflicting_with_the_decoder_section(tmp_path):
+    # The decoder's value equals its default: still a conflict, it was written.
+    d = _infer_dict(heatmap_threshold=0.2, decoder={"heatmap_threshold": 0.1})
+    _fails(tmp_path, d, "heatmap_threshold: is 0.2 but decoder.heatmap_threshold is 0.1",
+           "one place", loader=load_inference_spec)
+    d = _infer_dict(paf_threshold=0.05, decoder={"paf_threshold": 0.2})
+    _fails(tmp_path, d, "paf_threshold: is 0.05 but decoder.paf_threshold is 0.2",
+           loader=load_inference_spec)
+
+
+@pytest.mark.parametrize("key,value", [("min_parts", 3), ("min_person_score", 0.2)])
+def test_moved_top_level_keys_say_where_they_went(tmp_path, key, value):
+    _fails(tmp_path, _infer_dict(**{key: value}), f"{key}: has moved into the decoder section",
+           f"decoder: {{{key}: {value}}}", loader=load_inference_spec)
+
+
+@pytest.mark.parametrize("changes,needles", [
+    ({"decoder": {"min_parts": 0}}, ["decoder.min_parts", "must be >= 1"]),
+    ({"decoder": {"refine": "cubic"}}, ["decoder.refine", "'gaussian', 'quadratic', 'none'"]),
+    ({"decoder": {"refien": "none"}}, ["decoder.refien", "did you mean 'refine'"]),
+    ({"decoder": {"max_samples": 2}}, ["decoder.max_samples", "min_samples 4"]),
+    ({"decoder": {"max_limb_length": -1}}, ["decoder.max_limb_length", "> 0"]),
+    ({"decoder": 3}, ["decoder", "expected a mapping"]),
+    # A bad TAO top-level value is reported where it was written.
+    ({"heatmap_threshold": 1.5}, ["spec.yaml: heatmap_threshold: must be in [0, 1)"]),
+    ({"paf_threshold": "high"}, ["spec.yaml: paf_threshold: expected a number"]),
+])
+def test_bad_decoder_values(tmp_path, changes, needles):
+    _fails(tmp_path, _infer_dict(**changes), *needles, loader=load_inference_spec)
+
+
+# ------------------------------------------------------------------ one home per fact
+
+def test_model_classes_come_from_the_model_registry(tmp_path):
+    assert ModelConfig.CLASS_NAMES is MODEL_CLASSES
+    d = _train_dict()
+    d["model"]["__class_name__"] = "NoSuchModel"
+    _fails(tmp_path, d, "model.__class_name__", *MODEL_CLASSES)

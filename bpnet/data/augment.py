@@ -45,6 +45,8 @@ from typing import Optional, Tuple
 import cv2
 import numpy as np
 
+from ..model.meta import STRIDE
+
 MODES = ("person_centric", "standard", "standard_with_fixed_aspect_ratio")
 FILL_VALUE = 128  # grey: normalizes to ~0 with TAO's x/256 - 0.5
 MASK_VALID = 255
@@ -186,7 +188,7 @@ def warp_image(image: np.ndarray, t: Transform, matrix: Optional[np.ndarray] = N
 MASK_SUBSAMPLES = 4
 
 
-def warp_mask_to_grid(mask: Optional[np.ndarray], t: Transform, stride: int = 8) -> np.ndarray:
+def warp_mask_to_grid(mask: Optional[np.ndarray], t: Transform, stride: int = STRIDE) -> np.ndarray:
     """Warp a 0/255 mask and average it over each label cell: float32 [h, w].
 
     Each cell's value is the mean of MASK_SUBSAMPLES^2 bilinear samples
@@ -213,7 +215,7 @@ def warp_mask_to_grid(mask: Optional[np.ndarray], t: Transform, stride: int = 8)
 
 def augment(image: np.ndarray, mask: Optional[np.ndarray], joints: np.ndarray, centers: np.ndarray,
             scales: np.ndarray, out_hw, mode: str, params, pose, rng: Optional[np.random.Generator],
-            stride: int = 8):
+            stride: int = STRIDE):
     """Augment one sample in memory.
 
     Returns (image [H, W, C] uint8, mask [h, w] float32 0..255 per label

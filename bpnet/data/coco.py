@@ -1,6 +1,6 @@
 """Reading COCO-format keypoint files and choosing the main persons of each image.
 
-The rules (REFERENCE section 4, TAO's data_filtering_params):
+The rules (TAO's data_filtering_params, as TAO applies them):
 
 * a person is a non-crowd annotation of the dataset's category; a *labeled*
   person has at least one labeled keypoint (after the visibility mapping);

@@ -3,10 +3,10 @@
 Plain NumPy (no TensorFlow): the training pipeline calls it per sample, and
 the decoder's tests and benchmarks render ground-truth maps with it.
 
-Conventions (REFERENCE.md section 5), for an input of H x W pixels and a
-network of stride s, the maps are h = ceil(H/s) by w = ceil(W/s) cells and
-cell i is centred on input pixel ``i*s + (s-1)/2``, for heatmaps and PAFs
-alike (TAO mixes a centre grid and a top-left grid: a bug).
+Conventions, for an input of H x W pixels and a network of stride s: the
+maps are h = ceil(H/s) by w = ceil(W/s) cells and cell i is centred on
+input pixel ``i*s + (s-1)/2``, for heatmaps and PAFs alike (TAO mixes a
+centre grid and a top-left grid: a bug).
 
 - Heatmap of joint j: ``exp(-d^2 / (2 sigma^2))`` with d the distance in
   input pixels from the cell centre to the joint, the max over persons;
@@ -37,22 +37,24 @@ from typing import Tuple
 
 import numpy as np
 
+from ..model.meta import STRIDE
+
 # exp(-4.6) ~ 0.01: gaussian values below this are cut to 0.
 HEATMAP_CUTOFF = 4.6
 
 
-def grid_shape(image_hw, stride: int = 8) -> Tuple[int, int]:
+def grid_shape(image_hw, stride: int = STRIDE) -> Tuple[int, int]:
     """(h, w) of the label maps for an input of image_hw = (H, W) pixels."""
     H, W = int(image_hw[0]), int(image_hw[1])
     return -(-H // stride), -(-W // stride)
 
 
-def cell_centres(n: int, stride: int = 8) -> np.ndarray:
+def cell_centres(n: int, stride: int = STRIDE) -> np.ndarray:
     """Input-pixel coordinate of the centre of each of n cells."""
     return np.arange(n, dtype=np.float32) * stride + (stride - 1) / 2.0
 
 
-def render_heatmaps(joints: np.ndarray, num_joints: int, grid_hw, stride: int = 8,
+def render_heatmaps(joints: np.ndarray, num_joints: int, grid_hw, stride: int = STRIDE,
                     sigma: float = 7.0) -> np.ndarray:
     """[h, w, J+1] float32 heatmaps (background last) for joints [P, J, 3]."""
     h, w = int(grid_hw[0]), int(grid_hw[1])
@@ -93,7 +95,7 @@ def render_heatmaps(joints: np.ndarray, num_joints: int, grid_hw, stride: int = 
     return np.ascontiguousarray(planes.reshape(J + 1, h, w).transpose(1, 2, 0))
 
 
-def render_pafs(joints: np.ndarray, skeleton, grid_hw, stride: int = 8,
+def render_pafs(joints: np.ndarray, skeleton, grid_hw, stride: int = STRIDE,
                 paf_thresh: float = 1.0) -> np.ndarray:
     """[h, w, 2E] float32 PAFs (x then y per limb) for joints [P, J, 3]."""
     h, w = int(grid_hw[0]), int(grid_hw[1])
@@ -183,7 +185,7 @@ def _interval(slope, offset, width, tol):
     return lo, hi
 
 
-def render_labels(joints, pose, image_hw, stride: int = 8, sigma: float = 7.0,
+def render_labels(joints, pose, image_hw, stride: int = STRIDE, sigma: float = 7.0,
                   paf_thresh: float = 1.0):
     """Heatmaps [h, w, J+1] and PAFs [h, w, 2E] (float32) for one sample.
 

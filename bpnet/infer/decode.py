@@ -36,6 +36,9 @@ Algorithm, on maps at stride s (cell i is centred on input pixel
    reaches ``min_person_score``, smaller ones only when it reaches
    ``small_person_score``. The reported score, used for ranking (COCO AP),
    is the confidence times ``1 - exp(-joints / completeness)``.
+
+The parameters and their defaults are those of ``bpnet.specs.DecoderConfig``
+(the inference spec's ``decoder:`` section).
 """
 
 from __future__ import annotations
@@ -47,26 +50,13 @@ from typing import Optional
 import numpy as np
 
 from ..errors import BpnetError
+from ..model.meta import STRIDE
+from ..specs import DecoderConfig
 from . import _decode_kernels as K
 
 _REFINE = {"none": K.REFINE_NONE, "quadratic": K.REFINE_QUADRATIC,
            "gaussian": K.REFINE_GAUSSIAN}
-
-DEFAULTS = dict(
-    refine="gaussian",
-    min_pass_fraction=0.8,
-    min_samples=4,
-    max_samples=20,
-    max_limb_length=None,
-    length_weight=1e-6,
-    min_parts=3,
-    min_person_score=0.4,
-    small_person_score=0.8,
-    completeness=3.0,
-    merge_max_hops=4,
-    merge_ratio=1.0,
-    max_peaks=128,
-)
+_FIELDS = frozenset(f.name for f in dataclasses.fields(DecoderConfig))
 
 
 @dataclasses.dataclass(eq=False)
@@ -163,34 +153,36 @@ def _mean_confidence(slots, pv, lsum, lcnt):
     return (jsum + lsum) / np.maximum(has.sum(1) + lcnt, 1)
 
 
-def decode(heatmaps, pafs, pose, stride: float = 8, heatmap_threshold: float = 0.1,
-           paf_threshold: float = 0.05, *, use_numba: Optional[bool] = None,
-           **params) -> People:
+def decode(heatmaps, pafs, pose, stride: float = STRIDE,
+           config: Optional[DecoderConfig] = None, *, use_numba: Optional[bool] = None,
+           **overrides) -> People:
     """Decode one image's maps into people.
 
     heatmaps: [h, w, J] or [h, w, J+1] (a last background channel is
     ignored); pafs: [h, w, 2E] (x then y per limb of pose.skeleton); pose: a
     PoseConfig; stride: input pixels per map cell (8 for the network's own
     maps, 8/f for maps upsampled by f); cell i maps to pixel
-    ``i*stride + (stride-1)/2``. heatmap_threshold: the least peak value;
-    paf_threshold: the least PAF projection for a limb sample to pass.
-    Other parameters (defaults in DEFAULTS; lengths in map cells): refine
-    ("gaussian", "quadratic", "none"), min_pass_fraction, min_samples,
-    max_samples, max_limb_length (None = the map's larger side),
-    length_weight (tie-break towards shorter limbs), min_parts,
-    min_person_score, small_person_score, completeness, merge_max_hops,
-    merge_ratio (0 turns fragment merging off), max_peaks (per joint, the
-    strongest kept; bounds the work on noisy maps). use_numba: None = use it
-    when installed (and BPNET_NO_NUMBA is not set).
+    ``i*stride + (stride-1)/2``. config: a DecoderConfig (None: its
+    defaults); overrides: DecoderConfig fields by name, applied on top of
+    config (``decode(h, p, pose, heatmap_threshold=0.2, min_parts=3)``).
+    use_numba: None = use it when installed (and BPNET_NO_NUMBA is not set).
 
     Returns People sorted by decreasing score.
     """
-    unknown = set(params) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"decode() got unknown parameters {sorted(unknown)}; "
-                        f"known: {sorted(DEFAULTS)}")
-    p = dict(DEFAULTS)
-    p.update(params)
+    if config is None:
+        config = DecoderConfig()
+    elif not isinstance(config, DecoderConfig):
+        raise TypeError(f"decode() config must be a DecoderConfig or None, got "
+                        f"{type(config).__name__}")
+    if overrides:
+        unknown = set(overrides) - _FIELDS
+        if unknown:
+            raise TypeError(f"decode() got unknown parameters {sorted(unknown)}; "
+                            f"known: {sorted(_FIELDS)}")
+        config = dataclasses.replace(config, **overrides)
+    problems = config.check()
+    if problems:
+        raise ValueError("; ".join(f"{key} {msg}" for key, msg in problems))
     J, E = pose.num_joints, pose.num_edges
     heatmaps = np.asarray(heatmaps)
     pafs = np.asarray(pafs)
@@ -204,8 +196,6 @@ def decode(heatmaps, pafs, pose, stride: float = 8, heatmap_threshold: float = 0
                          "pose config do not match")
     if not stride > 0:
         raise ValueError(f"stride must be positive, got {stride}")
-    if p["refine"] not in _REFINE:
-        raise ValueError(f"refine must be one of {sorted(_REFINE)}, got {p['refine']!r}")
     heatmaps = np.ascontiguousarray(heatmaps, dtype=np.float32)
     pafs = np.ascontiguousarray(pafs, dtype=np.float32)
     find_peaks, score_limbs, assemble, merge = _get_kernels(use_numba)
@@ -213,22 +203,22 @@ def decode(heatmaps, pafs, pose, stride: float = 8, heatmap_threshold: float = 0
     h, w = heatmaps.shape[:2]
     if h == 0 or w == 0:
         return People.empty(J)
-    thr = max(float(heatmap_threshold), 0.0)
-    px, py, pv, pj, start = find_peaks(heatmaps, J, thr, _REFINE[p["refine"]])
+    thr = float(config.heatmap_threshold)
+    px, py, pv, pj, start = find_peaks(heatmaps, J, thr, _REFINE[config.refine])
     if px.shape[0] == 0:
         return People.empty(J)
-    px, py, pv, pj, start = _strongest(px, py, pv, pj, start, int(p["max_peaks"]))
+    px, py, pv, pj, start = _strongest(px, py, pv, pj, start, int(config.max_peaks))
     skel = _skeleton_array(pose)
-    max_len = p["max_limb_length"]
+    max_len = config.max_limb_length
     max_len = float(max(h, w) if max_len is None else max_len)
-    cand = score_limbs(px, py, start, pafs, skel, float(paf_threshold),
-                       float(p["min_pass_fraction"]), int(p["min_samples"]),
-                       int(p["max_samples"]), max_len, float(p["length_weight"]))
+    cand = score_limbs(px, py, start, pafs, skel, float(config.paf_threshold),
+                       float(config.min_pass_fraction), int(config.min_samples),
+                       int(config.max_samples), max_len, float(config.length_weight))
     slots, lsum, lcnt = assemble(*cand, pj, px.shape[0], J, skel)
     mean = _mean_confidence(slots, pv, lsum, lcnt)
-    if p["merge_ratio"] > 0 and slots.shape[0] > 1:
-        alive = merge(slots, lsum, lcnt, mean >= p["min_person_score"], px, py, skel,
-                      _hops(pose), int(p["merge_max_hops"]), float(p["merge_ratio"]))
+    if config.merge_ratio > 0 and slots.shape[0] > 1:
+        alive = merge(slots, lsum, lcnt, mean >= config.min_person_score, px, py, skel,
+                      _hops(pose), int(config.merge_max_hops), float(config.merge_ratio))
         slots, lsum, lcnt = slots[alive], lsum[alive], lcnt[alive]
         mean = _mean_confidence(slots, pv, lsum, lcnt)
     has = slots >= 0
@@ -239,9 +229,9 @@ def decode(heatmaps, pafs, pose, stride: float = 8, heatmap_threshold: float = 0
     # peak below a whole body, so a fragment of a split person ranks under
     # real people while small people (COCO has many with 1-4 labeled
     # joints) are still reported.
-    rank = mean * (1.0 - np.exp(-nj / float(p["completeness"])))
-    keep = np.where(nj >= p["min_parts"], mean >= p["min_person_score"],
-                    mean >= p["small_person_score"])
+    rank = mean * (1.0 - np.exp(-nj / float(config.completeness)))
+    keep = np.where(nj >= config.min_parts, mean >= config.min_person_score,
+                    mean >= config.small_person_score)
     if not keep.any():
         return People.empty(J)
     has, idx, jv, rank = has[keep], idx[keep], jv[keep], rank[keep]

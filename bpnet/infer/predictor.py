@@ -1,12 +1,12 @@
-"""Predictor: images in, people in original-image pixels out (interface 7).
+"""Predictor: images in, people in original-image pixels out.
 
 One picture becomes one or more network inputs ("jobs": one per scale of
 multi-scale inference, twice that with flip_test). Jobs of the same shape,
 from one picture or from several, run as one batch. Each picture's maps are
 then brought onto one grid (its scale-1 input's stride grid; mirrored maps
 are mirrored back with the pose config's flip pairs), averaged, decoded,
-and the people are mapped back through the exact inverse of the
-preprocessing.
+with the inference spec's decoder section, and the people are mapped back
+through the exact inverse of the preprocessing.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ class _Job:
 
 
 def _normalization(runner: Runner, spec: InferenceSpec) -> Normalization:
-    if runner.meta.get("normalization"):
-        return Normalization.from_meta(runner.meta)
+    recorded = runner.model_meta.normalization
+    if recorded is not None:
+        return Normalization(*recorded)
     if spec.train_spec:
         from ..specs import load_train_spec
         n = load_train_spec(spec.train_spec).dataloader.normalization_params
@@ -74,10 +75,6 @@ class Predictor:
         fixed = self.runner.fixed_input_hw
         if fixed is not None:
             self._fit_fixed_input(fixed)
-        self.decode_params = dict(heatmap_threshold=spec.heatmap_threshold,
-                                  paf_threshold=spec.paf_threshold,
-                                  min_parts=spec.min_parts,
-                                  min_person_score=spec.min_person_score)
 
     def _fit_fixed_input(self, fixed):
         if any(v % self.stride for v in fixed):
@@ -129,7 +126,7 @@ class Predictor:
             t = time.perf_counter()
             hm, paf, ref = self._combine([jobs[k] for k in by_image[i]],
                                          [maps[k] for k in by_image[i]], refs[i])
-            people = decode(hm, paf, self.pose, stride=self.stride, **self.decode_params)
+            people = decode(hm, paf, self.pose, stride=self.stride, config=self.spec.decoder)
             people = to_original(people, ref)
             t_dec[i] = time.perf_counter() - t
             out.append((people, {"preprocess_s": float(t_pre[i]), "network_s": float(t_net[i]),

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from ..errors import BpnetError
+from ..model.meta import DEFAULT_NORMALIZATION, STRIDE
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def _round_up(v: int, m: int) -> int:
 
 
 def plan_geometry(image_hw: Sequence[int], input_shape: Sequence[int], mode: Optional[str],
-                  stride: int = 8, scale: float = 1.0,
+                  stride: int = STRIDE, scale: float = 1.0,
                   max_side: int = MAX_NETWORK_SIDE) -> Geometry:
     """Network-input geometry of an image for a keep_aspect_ratio_mode and a scale.
 
@@ -253,15 +254,8 @@ def apply_geometry(image_bgr: np.ndarray, geo: Geometry) -> np.ndarray:
 class Normalization:
     """x / scale - offset on RGB, per channel (TAO's normalization_params)."""
 
-    scale: Tuple[float, ...] = (256.0, 256.0, 256.0)
-    offset: Tuple[float, ...] = (0.5, 0.5, 0.5)
-
-    @staticmethod
-    def from_meta(meta: dict) -> "Normalization":
-        n = meta.get("normalization") or {}
-        scale = tuple(float(v) for v in n.get("image_scale", (256.0,) * 3))
-        offset = tuple(float(v) for v in n.get("image_offset", (0.5,) * 3))
-        return Normalization(scale, offset)
+    scale: Tuple[float, ...] = tuple(DEFAULT_NORMALIZATION["image_scale"])
+    offset: Tuple[float, ...] = tuple(DEFAULT_NORMALIZATION["image_offset"])
 
     def apply(self, image_bgr: np.ndarray, channels: int = 3) -> np.ndarray:
         """uint8 BGR HxWx3 -> float32 normalized RGB (or gray) HxWxC."""
@@ -272,7 +266,7 @@ class Normalization:
         return rgb / np.asarray(self.scale[:3], np.float32) - np.asarray(self.offset[:3], np.float32)
 
 
-def preprocess(image_bgr: np.ndarray, input_shape, mode, norm: Normalization, stride: int = 8,
+def preprocess(image_bgr: np.ndarray, input_shape, mode, norm: Normalization, stride: int = STRIDE,
                scale: float = 1.0, channels: int = 3) -> Tuple[np.ndarray, InputTransform]:
     """One network input (float32 HxWxC) and its transform."""
     geo = plan_geometry(image_bgr.shape[:2], input_shape, mode, stride, scale)

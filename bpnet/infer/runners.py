@@ -3,11 +3,12 @@
 A runner turns a batch of normalized network inputs [B, H, W, C] into the
 chosen stage's (heatmaps [B, h, w, J+1], PAFs [B, h, w, 2E]) as float32
 NumPy arrays, and carries the model's meta (pose config, normalization,
-stride). ``load_runner`` picks the runner from the file:
+stride), checked by ``bpnet.model.meta.parse_meta``. ``load_runner`` picks
+the runner from the file:
 
 - ``.onnx`` (or a file that parses as an ONNX protobuf): ONNX Runtime; the
   bpnet meta travels as JSON in the model's metadata_props under
-  ``bpnet_meta`` (the export command writes it).
+  ``bpnet.model.meta.ONNX_META_KEY`` (the export command writes it).
 - anything else: the Keras model file read by ``bpnet.model.io.load_model``
   (plain or encrypted with ``-k``).
 
@@ -26,11 +27,11 @@ from typing import Optional, Tuple
 import numpy as np
 
 from ..errors import BpnetError
-from ..pose import PoseConfig, pose_config_from_dict
+from ..model.meta import ONNX_META_KEY, STRIDE, ModelMeta, parse_meta
+from ..pose import PoseConfig
 
 log = logging.getLogger(__name__)
 
-ONNX_META_KEY = "bpnet_meta"
 ENGINE_SUFFIXES = (".engine", ".trt", ".plan")
 
 
@@ -39,7 +40,7 @@ class Runner(abc.ABC):
 
     meta: dict
     pose: PoseConfig
-    stride: int = 8
+    stride: int = STRIDE
     input_channels: int = 3
     # Set when the model only accepts one input size / batch size.
     fixed_input_hw: Optional[Tuple[int, int]] = None
@@ -50,14 +51,17 @@ class Runner(abc.ABC):
     def run(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """[B, H, W, C] float32 -> (heatmaps [B, h, w, J+1], PAFs [B, h, w, 2E])."""
 
+    @property
+    def model_meta(self) -> ModelMeta:
+        """``meta``, checked (read from ``meta`` so that a runner may set only that)."""
+        return parse_meta(self.meta, self.path or type(self).__name__)
+
     def _init_meta(self, meta: dict, source: str):
-        if not isinstance(meta, dict) or "pose_config" not in meta:
-            raise BpnetError(f"{source}: the model carries no bpnet meta (pose_config missing); "
-                             "is it a bpnet model?")
-        self.meta = meta
-        self.pose = pose_config_from_dict(meta["pose_config"], f"{source} (meta pose_config)")
-        self.stride = int(meta.get("stride", 8))
-        self.input_channels = int(meta.get("input_channels", 3))
+        parsed = parse_meta(meta, source)
+        self.meta = parsed.raw
+        self.pose = parsed.pose
+        self.stride = parsed.stride
+        self.input_channels = parsed.input_channels
 
 
 def _split_outputs(outputs, pose: PoseConfig, source: str, names=None):

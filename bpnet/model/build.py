@@ -1,4 +1,4 @@
-"""build_model: a ModelConfig and a PoseConfig -> a Keras model (interface 5).
+"""build_model: a ModelConfig and a PoseConfig -> a Keras model.
 
 Outputs are [heatmaps of stages 1..T, PAFs of stages 1..T]; the last stage's
 layers are named ``heatmap_out`` and ``paf_out`` (see heads.py for all names).
@@ -12,7 +12,9 @@ from typing import Optional, Sequence
 
 from bpnet.errors import BpnetError
 
-MODEL_NAMES = ("BpNetModel", "BpNetLiteModel", "MobileNetThinModel")
+#: Every model class a spec may name (``model.__class_name__``); the spec
+#: layer validates against this list, build_model dispatches on it.
+MODEL_CLASSES = ("BpNetModel", "BpNetLiteModel", "MobileNetThinModel")
 
 
 def check_channels(model_cfg, pose) -> None:
@@ -32,14 +34,15 @@ def check_channels(model_cfg, pose) -> None:
 
 def build_model(model_cfg, pose, input_shape: Sequence[Optional[int]] = (None, None, 3),
                 name: Optional[str] = None):
-    """Build the model named by ``model_cfg.class_name`` for ``pose``."""
+    """Build the model named by ``model_cfg.class_name`` for ``pose``.
+
+    ``model_cfg`` is a ModelConfig as the spec loader returns it: its values
+    (stages, channel parity, ...) were checked there.
+    """
     cls = getattr(model_cfg, "class_name", "BpNetLiteModel")
-    if cls not in MODEL_NAMES:
-        raise BpnetError(f"model: unknown class {cls!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if cls not in MODEL_CLASSES:
+        raise BpnetError(f"model: unknown class {cls!r}; choose one of {', '.join(MODEL_CLASSES)}")
     check_channels(model_cfg, pose)
-    if model_cfg.stages < 2:
-        raise BpnetError(f"model.stages must be >= 2 (an initial stage plus refinements), "
-                         f"got {model_cfg.stages}")
     input_shape = tuple(input_shape)
     if len(input_shape) != 3:
         raise BpnetError(f"model input shape must be (height, width, channels), got {input_shape}")
