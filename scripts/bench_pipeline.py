@@ -131,8 +131,8 @@ def main(argv=None) -> int:
             print(f"error: needs {p} (the ../shared folder beside the checkout)", file=sys.stderr)
             return 1
 
-    from bpnet.specs import default_pose_config_path
     from bpnet.pose import load_pose_config
+    from bpnet.specs import default_pose_config_path
     pose = load_pose_config(default_pose_config_path())
     labels = bench_labels(pose, args.size)
 
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
         n = 0
         t0, c0 = time.perf_counter(), _cpu_seconds()
         for _ in range(args.batches):
-            x, y = next(it)
+            x, _ = next(it)
             n += int(x.shape[0])
         wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
 

@@ -3,7 +3,7 @@
 
 Prints ONE JSON line, e.g.
   python scripts/bench_train.py --model BpNetLiteModel --stages 3 --input 368 368 --batch 2
-It times the real train step of ``bpnet train`` (bpnet.train.make_train_step:
+It times the real train step of ``bpnet train`` (bpnet.train.loop.make_train_step:
 forward, masked L2 loss of every stage, regularization, backward, weighted
 momentum SGD) on random inputs and labels of the right shapes, so the figure
 is the network's cost without the input pipeline (see bench_pipeline.py for
@@ -37,7 +37,9 @@ def main():
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    from bpnet.train import make_strategy, make_train_step, _stage_loss_fn, _set_bn_sync
+    from bpnet.model.weights import set_bn_sync
+    from bpnet.train.distribute import make_strategy
+    from bpnet.train.loop import make_train_step, stage_loss_fn
     strategy = make_strategy(args.gpus)
 
     import keras
@@ -47,7 +49,12 @@ def main():
     from bpnet.model.build import build_model
     from bpnet.model.optimizer import make_optimizer
     from bpnet.pose import load_pose_config
-    from bpnet.specs import LossConfig, ModelConfig, OptimizerConfig, default_pose_config_path
+    from bpnet.specs import (
+        LossConfig,
+        ModelConfig,
+        OptimizerConfig,
+        default_pose_config_path,
+    )
 
     stages = args.stages or (6 if args.model == "BpNetModel" else 3)
     pose = load_pose_config(default_pose_config_path())
@@ -61,12 +68,12 @@ def main():
     with strategy.scope():
         model = build_model(cfg, pose, input_shape=(None, None, 3))
         if nrep > 1:
-            _set_bn_sync(model, True)
+            set_bn_sync(model, True)
         opt = make_optimizer(OptimizerConfig(), model, 2e-5, True)
         if args.use_amp:
             opt = keras.optimizers.LossScaleOptimizer(opt)
         opt.build(model.trainable_variables)
-    step = make_train_step(model, opt, _stage_loss_fn(LossConfig(), stages), strategy, gb,
+    step = make_train_step(model, opt, stage_loss_fn(LossConfig(), stages), strategy, gb,
                            args.use_amp)
 
     H, W = args.input

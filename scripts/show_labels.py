@@ -34,15 +34,15 @@ def main(argv=None) -> int:
 
     from bpnet.errors import BpnetError
     from bpnet.io import write_bytes_atomic
-    from bpnet.data.pipeline import STRIDE, SampleProcessor, _check_target_shape, _split_files, dataset_roots
-    from bpnet.data.records import read_records
+    from bpnet.data.pipeline import SampleProcessor, dataset_roots
+    from bpnet.data.records import read_records, split_files
+    from bpnet.model.meta import STRIDE
     from bpnet.specs import load_train_spec
 
     try:
         spec = load_train_spec(args.spec)
-        _check_target_shape(spec)
         pose = spec.dataloader.pose_config.load()
-        files = _split_files(spec, args.split)
+        files = split_files(spec.dataloader.dataset_config, args.split)
         roots, fallback = dataset_roots(spec)
         rec = None
         for i, r in enumerate(read_records(files)):

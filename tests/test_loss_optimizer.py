@@ -16,12 +16,14 @@ from bpnet.specs import FocalLossParams, LearningRateSchedule, LossConfig, Model
 
 keras = pytest.importorskip("keras")
 
-from bpnet.model.build import build_model  # noqa: E402
-from bpnet.model.loss import BpNetLoss, masked_l2, regularization_loss  # noqa: E402
-from bpnet.model.optimizer import (WeightedMomentumOptimizer,  # noqa: E402
-                                   stagewise_gradient_weights)
-from bpnet.model.schedules import (ExponentialDecayLearningRateSchedule,  # noqa: E402
-                                   SoftstartAnnealingLearningRateSchedule, make_schedule)
+from bpnet.model.build import build_model
+from bpnet.model.loss import BpNetLoss, masked_l2, regularization_loss
+from bpnet.model.optimizer import WeightedMomentumOptimizer, stagewise_gradient_weights
+from bpnet.model.schedules import (
+    ExponentialDecayLearningRateSchedule,
+    SoftstartAnnealingLearningRateSchedule,
+    make_schedule,
+)
 
 POSE5 = pose_config_from_dict({
     "name": "five",
@@ -264,7 +266,7 @@ def test_optimizer_under_mirrored_strategy_matches_one_device(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow",
                CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
     assert res["iters"] == [2, 2]

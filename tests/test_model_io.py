@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from bpnet.errors import BpnetError
+from bpnet.model.meta import DEFAULT_NORMALIZATION, make_meta
 from bpnet.pose import load_pose_config, pose_config_from_dict
 from bpnet.specs import ModelConfig, default_pose_config_path, spec_to_dict
 
 keras = pytest.importorskip("keras")
 
-from bpnet.model.build import build_model  # noqa: E402
-from bpnet.model.io import ENC_MAGIC, load_model, read_meta, save_model  # noqa: E402
+from bpnet.model.build import build_model
+from bpnet.model.io import ENC_MAGIC, load_model, read_meta, save_model
 
 POSE = load_pose_config(default_pose_config_path())
 
@@ -26,9 +27,7 @@ def model_and_meta():
     cfg = ModelConfig(class_name="BpNetLiteModel", stages=2, width_multiplier=0.0625,
                       kernel_initializer="xavier")
     model = build_model(cfg, POSE)
-    meta = {"pose_config": POSE.to_dict(),
-            "normalization": {"image_scale": [256.0] * 3, "image_offset": [0.5] * 3},
-            "stride": 8, "model": spec_to_dict(cfg), "input_channels": 3}
+    meta = make_meta(POSE, DEFAULT_NORMALIZATION, spec_to_dict(cfg))
     x = np.random.default_rng(0).normal(size=(1, 40, 48, 3)).astype("float32")
     return model, meta, x, model.predict(x, verbose=0)
 
@@ -111,7 +110,7 @@ def test_damaged_files_are_clear_errors(tmp_path, model_and_meta):
     }
     # A bit flipped inside the weights of a plain archive: the zip CRC catches it.
     names = zipfile.ZipFile(tmp_path / "plain.keras").infolist()
-    w = [i for i in names if i.filename == "model.weights.h5"][0]
+    w = next(i for i in names if i.filename == "model.weights.h5")
     off = w.header_offset + 30 + len(w.filename) + len(w.extra) + w.compress_size // 2
     cases["flipped_plain.keras"] = (plain[:off] + bytes([plain[off] ^ 0xFF]) + plain[off + 1:],
                                     None, r"damaged")
@@ -132,7 +131,7 @@ def test_damaged_files_are_clear_errors(tmp_path, model_and_meta):
 
 
 def test_failed_saves_leave_no_file_and_keep_the_old_one(tmp_path, model_and_meta):
-    model, meta, x, ref = model_and_meta
+    model, meta, _, _ = model_and_meta
     path = save_model(model, tmp_path / "m.keras", meta)
     before = path.read_bytes()
     with pytest.raises(BpnetError, match="not JSON serializable"):

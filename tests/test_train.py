@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
-from conftest import REPO
+from conftest import REPO, bpnet_cli, error_lines
 
 SAMPLE_SPEC = REPO / "specs" / "bpnet_train_sample.yaml"
+# No GPU (--gpus N then makes N logical CPU devices) and no TF_CONFIG of the caller's.
 ENV = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
 ENV.update({"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""})
 
@@ -83,14 +83,6 @@ TINY = {
 }
 
 
-def bpnet(*args, env=None, timeout=600, check=None):
-    p = subprocess.run([sys.executable, "-m", "bpnet.cli", *map(str, args)], capture_output=True,
-                       text=True, env=env or ENV, timeout=timeout, cwd=REPO)
-    if check is True:
-        assert p.returncode == 0, f"bpnet {' '.join(map(str, args))} failed:\n{p.stderr[-3000:]}"
-    return p
-
-
 def final_weights(path, key=None):
     from bpnet.model.io import load_model
     model, meta = load_model(path, key=key)
@@ -98,12 +90,12 @@ def final_weights(path, key=None):
 
 
 def state_info(path, key=None):
-    from bpnet.train import _decode_state
-    return _decode_state(Path(path).read_bytes(), key, path)
+    from bpnet.train.checkpoints import decode_state
+    return decode_state(Path(path).read_bytes(), key, path)
 
 
 def error_line(p) -> str:
-    lines = [l for l in p.stderr.splitlines() if l.startswith("bpnet train: error:")]
+    lines = error_lines(p.stderr, "train")
     assert len(lines) == 1, p.stderr[-3000:]
     return lines[0]
 
@@ -146,7 +138,7 @@ def _true_joint_hits(model, spec_path, radius_cells=2.0):
         for j in range(pose.num_joints):
             lab = [(c[0], c[1]) for c, v in zip(cells[:, j], joints[:, j, 2])
                    if v > 0 and -0.5 <= c[0] < w - 0.5 and -0.5 <= c[1] < h - 0.5
-                   and mask[int(round(c[1])), int(round(c[0])), 0] > 0.5]
+                   and mask[round(c[1]), round(c[0]), 0] > 0.5]
             if not lab:
                 continue
             lab = np.array(lab)
@@ -167,7 +159,7 @@ def test_sample_spec_learns(sample, tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", sample, steps_per_epoch=80)
     out = tmp_path / "run"
     import resource
-    bpnet("train", "-e", spec, "-r", out, check=True)
+    bpnet_cli("train", "-e", spec, "-r", out, env=ENV, check=True)
     cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     status = json.loads((out / "status.json").read_text())
     assert status["status"] == "SUCCESS" and status["steps"] == 640
@@ -217,7 +209,7 @@ def _kill_after_checkpoint(args, ckpt: Path, timeout=300):
 def test_killed_run_resumes_to_the_same_weights(sample, tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", sample, **_merge(TINY, {"steps_per_epoch": 12}))
     full = tmp_path / "full"
-    bpnet("train", "-e", spec, "-r", full, check=True)
+    bpnet_cli("train", "-e", spec, "-r", full, env=ENV, check=True)
 
     # The interrupted run also encrypts its files: the key must not change a weight.
     key = "resume-test-key"
@@ -229,7 +221,7 @@ def test_killed_run_resumes_to_the_same_weights(sample, tmp_path):
     assert "model.epoch-1.keras" in left and "model.epoch-1.state" in left
     assert not [p for p in cut.iterdir() if p.name.endswith(".keras") and
                 not p.name.startswith("model.epoch-")], "a half-written model file is visible"
-    p = bpnet("train", "-e", spec, "-r", cut, "-k", key, check=True)
+    p = bpnet_cli("train", "-e", spec, "-r", cut, "-k", key, env=ENV, check=True)
     assert "resuming from model.epoch-" in p.stderr
 
     a, _ = final_weights(full / "bpnet_model.keras")
@@ -260,8 +252,8 @@ def test_two_replicas_match_one_device(sample, tmp_path):
                                                                     "soft_start": 0.0}}})
     one = write_spec(tmp_path / "one.yaml", sample, **_merge(common, {"dataloader": {"batch_size": 4}}))
     two = write_spec(tmp_path / "two.yaml", sample, **_merge(common, {"dataloader": {"batch_size": 2}}))
-    bpnet("train", "-e", one, "-r", tmp_path / "one", check=True)
-    p = bpnet("train", "-e", two, "-r", tmp_path / "two", "--gpus", "2", check=True)
+    bpnet_cli("train", "-e", one, "-r", tmp_path / "one", env=ENV, check=True)
+    p = bpnet_cli("train", "-e", two, "-r", tmp_path / "two", "--gpus", "2", env=ENV, check=True)
     assert "MirroredStrategy: 2 replica(s), batch 2 per replica, 4 global" in p.stderr
     from bpnet.model.io import load_model
     a, _ = load_model(tmp_path / "one" / "bpnet_model.keras")
@@ -328,7 +320,7 @@ def test_two_workers_train_together(sample, tmp_path):
 def test_missing_records_is_one_clear_error(sample, tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", sample, **_merge(
         TINY, {"dataloader": {"dataset_config": {"train_records_path": ["nope-fold-000-of-001"]}}}))
-    p = bpnet("train", "-e", spec, "-r", tmp_path / "run")
+    p = bpnet_cli("train", "-e", spec, "-r", tmp_path / "run", env=ENV)
     assert p.returncode != 0
     line = error_line(p)
     assert "nope-fold-000-of-001" in line and "dataset_convert" in line
@@ -346,7 +338,7 @@ def test_image_deleted_after_conversion_is_one_clear_error(sample, tmp_path):
     for p in gone:
         p.unlink()
     spec = write_spec(tmp_path / "spec.yaml", data, **TINY)
-    p = bpnet("train", "-e", spec, "-r", tmp_path / "run")
+    p = bpnet_cli("train", "-e", spec, "-r", tmp_path / "run", env=ENV)
     assert p.returncode != 0
     line = error_line(p)
     assert "No such file or directory" in line and str(data / "images" / "train") in line, line
@@ -365,7 +357,7 @@ def test_records_of_another_pose_config_are_refused(sample, tmp_path):
         "mask_path": "", "dataset": "sample", "pose_config": "five_points", "joints": joints}])
     spec = write_spec(tmp_path / "spec.yaml", sample, **_merge(TINY, {"dataloader": {"dataset_config": {
         "train_records_folder_path": str(tmp_path), "train_records_path": ["other-fold-000-of-001"]}}}))
-    p = bpnet("train", "-e", spec, "-r", tmp_path / "run")
+    p = bpnet_cli("train", "-e", spec, "-r", tmp_path / "run", env=ENV)
     assert p.returncode != 0
     line = error_line(p)
     assert "five_points" in line and "5 joints" in line
@@ -375,9 +367,24 @@ def test_unwritable_results_dir(sample, tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", sample, **TINY)
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    p = bpnet("train", "-e", spec, "-r", blocker / "run")
+    p = bpnet_cli("train", "-e", spec, "-r", blocker / "run", env=ENV)
     assert p.returncode != 0
     assert "results dir" in error_line(p)
+
+
+def test_results_dir_from_the_spec_when_no_r(sample, tmp_path):
+    """Without -r the spec's checkpoint_dir holds the run and its status.json; a spec
+    that names neither is one error line."""
+    run = tmp_path / "from_spec"
+    spec = write_spec(tmp_path / "spec.yaml", sample,
+                      **_merge(TINY, {"num_epoch": 1, "steps_per_epoch": 1,
+                                      "checkpoint_dir": str(run)}))
+    bpnet_cli("train", "-e", spec, env=ENV, check=True)
+    assert json.loads((run / "status.json").read_text())["status"] == "SUCCESS"
+    assert (run / "bpnet_model.keras").is_file()
+    bare = write_spec(tmp_path / "bare.yaml", sample, **_merge(TINY, {"checkpoint_dir": None}))
+    p = bpnet_cli("train", "-e", bare, env=ENV)
+    assert p.returncode != 0 and "no results dir" in error_line(p)
 
 
 @pytest.fixture(scope="module")
@@ -385,7 +392,7 @@ def one_checkpoint_run(sample, tmp_path_factory):
     """A finished tiny run with checkpoints of epochs 1 and 2 (and its spec)."""
     d = tmp_path_factory.mktemp("ckpt_run")
     spec = write_spec(d / "spec.yaml", sample, **_merge(TINY, {"num_epoch": 2, "steps_per_epoch": 2}))
-    bpnet("train", "-e", spec, "-r", d / "run", check=True)
+    bpnet_cli("train", "-e", spec, "-r", d / "run", env=ENV, check=True)
     return spec, d / "run"
 
 
@@ -397,7 +404,7 @@ def test_corrupt_checkpoint_is_reported_and_kept(one_checkpoint_run, tmp_path):
     data = (bad / "model.epoch-2.keras").read_bytes()
     (bad / "model.epoch-2.keras").write_bytes(data[: len(data) // 2])
     before = sorted(p.name for p in bad.iterdir())
-    p = bpnet("train", "-e", spec, "-r", bad)
+    p = bpnet_cli("train", "-e", spec, "-r", bad, env=ENV)
     assert p.returncode != 0
     line = error_line(p)
     assert "model.epoch-2.keras" in line and "resume from epoch 1" in line
@@ -414,7 +421,7 @@ def test_full_disk_keeps_earlier_checkpoints(one_checkpoint_run, tmp_path):
     # Room for epoch 1's checkpoint, the spec copies and status.json, and half a checkpoint more.
     size = ckpt + 64 * 1024 + ckpt // 2
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
-                       capture_output=True)
+                       capture_output=True, check=False)
     if r.returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root); full disk not simulated")
     try:
@@ -423,7 +430,7 @@ def test_full_disk_keeps_earlier_checkpoints(one_checkpoint_run, tmp_path):
         for name in ("model.epoch-1.keras", "model.epoch-1.state"):
             shutil.copy(run / name, dst / name)
         keep = (dst / "model.epoch-1.keras").read_bytes()
-        p = bpnet("train", "-e", spec, "-r", dst)
+        p = bpnet_cli("train", "-e", spec, "-r", dst, env=ENV)
         assert p.returncode != 0
         line = error_line(p)
         assert "No space left" in line, line
@@ -433,7 +440,7 @@ def test_full_disk_keeps_earlier_checkpoints(one_checkpoint_run, tmp_path):
         assert not (dst / "model.epoch-2.keras").exists()
         assert not [n.name for n in dst.iterdir() if n.name.endswith(".tmp")]
     finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
+        subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
 
 
 def test_nan_loss_stops_with_the_step_and_a_hint(sample, tmp_path):
@@ -441,7 +448,7 @@ def test_nan_loss_stops_with_the_step_and_a_hint(sample, tmp_path):
         "num_epoch": 1, "steps_per_epoch": 30,
         "optimizer": {"learning_rate_schedule": {"base_learning_rate": 50.0, "soft_start": 0.0,
                                                  "min_learning_rate": 1.0}}}))
-    p = bpnet("train", "-e", spec, "-r", tmp_path / "run")
+    p = bpnet_cli("train", "-e", spec, "-r", tmp_path / "run", env=ENV)
     assert p.returncode != 0
     line = error_line(p)
     assert "at step" in line and "lower the learning rate" in line
@@ -452,10 +459,11 @@ def test_nan_loss_stops_with_the_step_and_a_hint(sample, tmp_path):
 def test_pretrained_weights_copy_by_name_and_skip_shape_mismatches():
     """A 2-stage 18-joint model into a 3-stage model of a 14-joint (no face) pose config."""
     import keras
+
     from bpnet.model.build import build_model
+    from bpnet.model.weights import copy_weights_by_name
     from bpnet.pose import pose_config_from_dict
     from bpnet.specs import ModelConfig, default_pose_config_path
-    from bpnet.train import copy_weights_by_name
 
     full = json.loads(default_pose_config_path().read_text())
     keep = full["keypoints"][:14]  # drop eyes and ears
@@ -492,7 +500,7 @@ def test_amp_load_graph_and_finetuning(one_checkpoint_run, tmp_path):
                                                 "load_graph": True,
                                                 # ignored with load_graph: the file's model is trained
                                                 "model": {"width_multiplier": 0.5}})))
-    p = bpnet("train", "-e", amp, "-r", tmp_path / "amp", "--use_amp", check=True)
+    p = bpnet_cli("train", "-e", amp, "-r", tmp_path / "amp", "--use_amp", env=ENV, check=True)
     assert "load_graph: training the whole model" in p.stderr
     from bpnet.model.io import load_model
     model, meta = load_model(tmp_path / "amp" / "bpnet_model.keras")
@@ -504,7 +512,7 @@ def test_amp_load_graph_and_finetuning(one_checkpoint_run, tmp_path):
     ft = tmp_path / "ft.yaml"
     ft.write_text(yaml.safe_dump(_merge(base, {"num_epoch": 3, "checkpoint_n_epoch": 1, "finetuning_config": {
         "is_finetune_exp": True, "checkpoint_path": str(run / "model.epoch-2.keras"), "ckpt_epoch_num": 2}})))
-    p = bpnet("train", "-e", ft, "-r", tmp_path / "ft", check=True)
+    p = bpnet_cli("train", "-e", ft, "-r", tmp_path / "ft", env=ENV, check=True)
     assert "finetuning from" in p.stderr
     _, info = state_info(tmp_path / "ft" / "model.epoch-3.state")
     assert info["step"] == 3 * base["steps_per_epoch"]

@@ -29,48 +29,27 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..errors import BpnetError
+from ..model.meta import STRIDE
 from . import augment as aug
 from .labels import render_labels
-from .records import decode_record, iter_tfrecord, record_files
+from .records import first_record, split_files
 
 log = logging.getLogger(__name__)
 
-STRIDE = 8
 _DECODE_FACTORS = (8, 4, 2)  # JPEG DCT-domain downscaling that OpenCV and TF offer
 
 
 # ------------------------------------------------------------------ spec side
 
-def _split_files(spec, split: str) -> List[str]:
-    if split not in ("train", "val"):
-        raise BpnetError(f"split must be 'train' or 'val', got {split!r}")
-    dc = spec.dataloader.dataset_config
-    if split == "train":
-        folder, names, key = dc.train_records_folder_path, dc.train_records_path, "train_records_path"
-    else:
-        folder = dc.val_records_folder_path or dc.train_records_folder_path
-        names, key = dc.val_records_path, "val_records_path"
-    if not names:
-        raise BpnetError(f"dataloader.dataset_config.{key} is empty: list the record files "
-                         f"(prefixes written by bpnet dataset_convert, relative to "
-                         f"{'train' if split == 'train' else 'val'}_records_folder_path)")
-    paths = [n if os.path.isabs(n) else os.path.join(folder, n) for n in names]
-    try:
-        return record_files(paths)
-    except BpnetError as e:
-        raise BpnetError(f"dataloader.dataset_config.{key}: {e}") from None
-
-
-def dataset_roots(spec) -> Tuple[Dict[str, str], str]:
+def dataset_roots(spec) -> tuple[dict[str, str], str]:
     """Dataset name -> root folder for every dataset_specs entry, and the fallback root."""
     from ..specs import load_dataset_spec
     dc = spec.dataloader.dataset_config
-    roots: Dict[str, str] = {}
+    roots: dict[str, str] = {}
     for name, path in dc.dataset_specs.items():
         ds = load_dataset_spec(path)  # a missing or bad file is a BpnetError naming it
         # Records carry the dataset spec's own name; the key of dataset_specs
@@ -80,39 +59,12 @@ def dataset_roots(spec) -> Tuple[Dict[str, str], str]:
     return roots, dc.root_data_path
 
 
-def _check_target_shape(spec):
-    dl = spec.dataloader
-    dims = dl.image_config.image_dims
-    th, tw = dl.pose_config.target_shape
-    if (th * STRIDE, tw * STRIDE) != (dims.height, dims.width):
-        raise BpnetError(
-            f"dataloader.pose_config.target_shape {[th, tw]} x stride {STRIDE} = "
-            f"{[th * STRIDE, tw * STRIDE]} does not match dataloader.image_config.image_dims "
-            f"{[dims.height, dims.width]}; use target_shape {[dims.height // STRIDE, dims.width // STRIDE]}")
-    if dims.height % STRIDE or dims.width % STRIDE:
-        raise BpnetError(f"dataloader.image_config.image_dims {[dims.height, dims.width]} must be "
-                         f"multiples of the stride {STRIDE}")
-
-
-def _check_files(files: List[str], pose, roots: Dict[str, str], fallback: str):
+def _check_files(files: list[str], pose, roots: dict[str, str], fallback: str):
     """Look at the first record of every file: pose config, and that its image is there."""
     for f in files:
-        try:
-            first = next(iter_tfrecord(f), None)
-        except OSError as e:
-            raise BpnetError(f"{f}: cannot read ({e})") from None
-        if first is None:
+        rec = first_record(f, pose)
+        if rec is None:
             continue
-        try:
-            rec = decode_record(first)
-        except Exception as e:  # any parse failure means this is not our record file
-            raise BpnetError(f"{f}: not a bpnet record file ({type(e).__name__}: {e})") from None
-        if rec["num_joints"] != pose.num_joints or (rec["pose_config"] and rec["pose_config"] != pose.name):
-            raise BpnetError(
-                f"{f}: records are for pose config {rec['pose_config']!r} with {rec['num_joints']} joints, "
-                f"but the train spec's pose config is {pose.name!r} with {pose.num_joints} joints; "
-                "convert the dataset with that pose config (dataset spec pose_config_path) or "
-                "fix dataloader.pose_config.pose_config_path")
         img = _resolve(roots, fallback, rec["dataset"], rec["image_path"])
         if not os.path.isfile(img):
             where = (f"dataset {rec['dataset']!r} root {roots[rec['dataset']]}" if rec["dataset"] in roots
@@ -121,11 +73,11 @@ def _check_files(files: List[str], pose, roots: Dict[str, str], fallback: str):
                              "fix dataloader.dataset_config.dataset_specs or root_data_path")
 
 
-def _resolve(roots: Dict[str, str], fallback: str, dataset: str, rel: str) -> str:
+def _resolve(roots: dict[str, str], fallback: str, dataset: str, rel: str) -> str:
     return os.path.join(roots.get(dataset, fallback), rel)
 
 
-def count_records(files: List[str]) -> int:
+def count_records(files: list[str]) -> int:
     """Records in TFRecord files, by walking their length headers."""
     n = 0
     for f in files:
@@ -147,7 +99,7 @@ def count_records(files: List[str]) -> int:
 
 def count_samples(spec, split: str = "train") -> int:
     """Number of records (samples) the split's record files hold."""
-    return count_records(_split_files(spec, split))
+    return count_records(split_files(spec.dataloader.dataset_config, split))
 
 
 # ------------------------------------------------------------------ per sample (NumPy)
@@ -158,7 +110,7 @@ class SampleProcessor:
     Plain Python/NumPy/OpenCV, so it can be used and tested without tf.data.
     """
 
-    def __init__(self, spec, pose, roots: Dict[str, str], fallback: str, train: bool):
+    def __init__(self, spec, pose, roots: dict[str, str], fallback: str, train: bool):
         dl = spec.dataloader
         dims = dl.image_config.image_dims
         self.out_hw = (dims.height, dims.width)
@@ -198,7 +150,7 @@ class SampleProcessor:
         except OSError as e:
             raise BpnetError(f"cannot read the {what} {path}: {e.strerror or e}") from None
 
-    def plan(self, height: int, width: int, centers, scales, seed: Optional[int]):
+    def plan(self, height: int, width: int, centers, scales, seed: int | None):
         """Draw the sample's transform and say what part of the image to decode.
 
         Returns (transform, window (y, x, h, w) in source pixels, factor):
@@ -225,7 +177,7 @@ class SampleProcessor:
         y1 = int(np.clip(np.ceil(src[1].max()) + 3, y0 + 1, height))
         return t, (y0, x0, y1 - y0, x1 - x0), 1
 
-    def finish(self, image: np.ndarray, window, t, mask: Optional[np.ndarray], joints: np.ndarray):
+    def finish(self, image: np.ndarray, window, t, mask: np.ndarray | None, joints: np.ndarray):
         """Warp the decoded window (RGB, possibly downscaled), the mask and the
         joints; render labels. Returns (image uint8 [H, W, C] RGB, heatmaps,
         PAFs, mask [h, w, 1] normalized, joints moved)."""
@@ -244,7 +196,7 @@ class SampleProcessor:
         grid_mask = (grid_mask / self.mask_scale - self.mask_offset).astype(np.float32)[..., None]
         return out, heat, paf, grid_mask, moved
 
-    def read_mask(self, path: str, height: int, width: int) -> Optional[np.ndarray]:
+    def read_mask(self, path: str, height: int, width: int) -> np.ndarray | None:
         import cv2
         if not path:
             return None
@@ -256,7 +208,7 @@ class SampleProcessor:
         return mask
 
     def __call__(self, dataset: str, image_path: str, mask_path: str, height: int, width: int,
-                 joints: np.ndarray, centers: np.ndarray, scales: np.ndarray, seed: Optional[int]):
+                 joints: np.ndarray, centers: np.ndarray, scales: np.ndarray, seed: int | None):
         """The whole sample with OpenCV decoding, no TensorFlow (show_labels, tests).
 
         The tf.data pipeline runs the same plan/finish around TensorFlow's
@@ -294,9 +246,13 @@ def _num_calls(spec) -> int:
         return os.cpu_count() or 1
 
 
-def build_dataset(spec, split: str = "train", seed: Optional[int] = None, repeat: bool = True,
-                  shuffle: Optional[bool] = None):
+def build_dataset(spec, split: str = "train", seed: int | None = None, repeat: bool = True,
+                  shuffle: bool | None = None):
     """tf.data.Dataset of (images [B, H, W, C] float32 normalized, labels).
+
+    ``spec``: a TrainSpec from the spec loader, which checked it (e.g. that
+    the target shape times the stride is the input size); this does not
+    check it again.
 
     labels: {"heatmap": [B, h, w, J+1], "paf": [B, h, w, 2E], "mask": [B, h, w, 1]}.
     split "train" augments per the spec; "val" reads the val records
@@ -307,10 +263,9 @@ def build_dataset(spec, split: str = "train", seed: Optional[int] = None, repeat
     """
     import tensorflow as tf
 
-    _check_target_shape(spec)
     dl = spec.dataloader
     pose = dl.pose_config.load()
-    files = _split_files(spec, split)
+    files = split_files(dl.dataset_config, split)
     roots, fallback = dataset_roots(spec)
     _check_files(files, pose, roots, fallback)
     train = split == "train"

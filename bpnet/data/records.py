@@ -7,7 +7,7 @@ One record is one training sample: an image, the persons labeled in it
     <output_filename>-fold-000-of-001                       (partition 0 of 1)
     <output_filename>-fold-002-of-004-shard-00001-of-00008  (with shards)
 
-Features (see the README's record schema table):
+Features (the record schema table of docs/dataset_convert.md):
 
 =============  ==========  ===============================================
 image_id       int64       image id from the annotation file
@@ -32,11 +32,12 @@ TensorFlow side for tf.data pipelines.
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Sequence, Union
 
 import numpy as np
 
@@ -64,14 +65,14 @@ def is_record_file(path) -> bool:
     return _FILE_RE.search(Path(path).name) is not None
 
 
-def record_files(prefix_or_paths: Union[str, Path, Sequence[Union[str, Path]]]) -> List[str]:
+def record_files(prefix_or_paths: str | Path | Sequence[str | Path]) -> list[str]:
     """Expand record prefixes and/or file paths into a sorted list of files.
 
     A path that is an existing file is taken as is; otherwise it is a prefix
     and every ``<prefix>-fold-...`` file beside it is taken.
     """
     items = [prefix_or_paths] if isinstance(prefix_or_paths, (str, Path)) else list(prefix_or_paths)
-    out: List[str] = []
+    out: list[str] = []
     for item in items:
         p = Path(item)
         if p.is_file():
@@ -90,6 +91,59 @@ def record_files(prefix_or_paths: Union[str, Path, Sequence[Union[str, Path]]]) 
             seen.add(f)
             unique.append(f)
     return unique
+
+
+def split_files(dataset_config, split: str, source=None) -> list[str]:
+    """The record files of a train spec's ``train`` or ``val`` split.
+
+    ``dataset_config``: the spec's dataloader.dataset_config; names relative to
+    the split's records folder (the val split falls back to the train
+    folder). ``source`` (the spec file) prefixes the messages when given.
+    """
+    if split not in ("train", "val"):
+        raise BpnetError(f"split must be 'train' or 'val', got {split!r}")
+    dc = dataset_config
+    if split == "train":
+        folder, names = dc.train_records_folder_path, dc.train_records_path
+    else:
+        folder, names = dc.val_records_folder_path or dc.train_records_folder_path, dc.val_records_path
+    where = f"{source + ': ' if source else ''}dataloader.dataset_config.{split}_records_path"
+    if not names:
+        raise BpnetError(f"{where} is empty: list the record files (prefixes written by bpnet "
+                         f"dataset_convert, relative to {split}_records_folder_path)")
+    paths = [n if os.path.isabs(n) else os.path.join(folder, n) for n in names]
+    try:
+        return record_files(paths)
+    except BpnetError as e:
+        raise BpnetError(f"{where}: {e}") from None
+    except OSError as e:
+        raise BpnetError(f"{where}: cannot look for the record files ({e.strerror or e})") from None
+
+
+def first_record(path, pose=None):
+    """The first record of a record file, decoded; None when the file is empty.
+
+    With ``pose`` (a PoseConfig), also checks that the records were written
+    for it: the same joint count and, when the records name one, the same name.
+    """
+    try:
+        data = next(iter_tfrecord(path), None)
+    except OSError as e:
+        raise BpnetError(f"{path}: cannot read ({e})") from None
+    if data is None:
+        return None
+    try:
+        rec = decode_record(data)
+    except Exception as e:  # noqa: BLE001  (any parse failure: not our record file)
+        raise BpnetError(f"{path}: not a bpnet record file ({type(e).__name__}: {e})") from None
+    if pose is not None and (rec["num_joints"] != pose.num_joints
+                             or (rec["pose_config"] and rec["pose_config"] != pose.name)):
+        raise BpnetError(
+            f"{path}: records are for pose config {rec['pose_config']!r} with {rec['num_joints']} "
+            f"joints, but the train spec's pose config is {pose.name!r} with {pose.num_joints} "
+            "joints; convert the dataset with that pose config (dataset spec pose_config_path) or "
+            "fix dataloader.pose_config.pose_config_path")
+    return rec
 
 
 # ------------------------------------------------------------------ encoding
@@ -234,7 +288,7 @@ def _decode_feature(buf: bytes):
             parts = [np.frombuffer(v, dtype="<f4") for _, _, v in _fields(inner)]
             return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
         if kind == 3:  # Int64List, packed or not
-            vals: List[int] = []
+            vals: list[int] = []
             for _, wire, v in _fields(inner):
                 if wire == 0:
                     vals.append(v)
@@ -247,13 +301,13 @@ def _decode_feature(buf: bytes):
     return None
 
 
-def decode_record(data: bytes) -> Dict[str, object]:
+def decode_record(data: bytes) -> dict[str, object]:
     """Serialized tf.train.Example -> dict of NumPy values (no TensorFlow).
 
     Scalars come out as Python ints / str, joints as [P, J, 3], centers as
     [P, 2], scales as [P].
     """
-    raw: Dict[str, object] = {}
+    raw: dict[str, object] = {}
     for f_no, _, features in _fields(data):
         if f_no != 1:
             continue
@@ -267,7 +321,7 @@ def decode_record(data: bytes) -> Dict[str, object]:
                 elif k_no == 2:
                     value = v
             raw[key] = _decode_feature(value)
-    out: Dict[str, object] = {}
+    out: dict[str, object] = {}
     for k in INT_FEATURES:
         out[k] = int(raw[k][0])
     for k in BYTES_FEATURES:
@@ -296,7 +350,7 @@ def iter_tfrecord(path) -> Iterator[bytes]:
             yield data
 
 
-def read_records(paths) -> Iterator[Dict[str, object]]:
+def read_records(paths) -> Iterator[dict[str, object]]:
     """Iterate the decoded records of files or prefixes, in file order (NumPy)."""
     for path in record_files(paths):
         for data in iter_tfrecord(path):
@@ -404,9 +458,8 @@ def write_records(path, recs: Iterable[dict]) -> int:
     """
     from ..io import atomic_path
     n = 0
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            for rec in recs:
-                f.write(frame_record(rec if isinstance(rec, bytes) else serialize_record(rec)))
-                n += 1
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for rec in recs:
+            f.write(frame_record(rec if isinstance(rec, bytes) else serialize_record(rec)))
+            n += 1
     return n

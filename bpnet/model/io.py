@@ -33,7 +33,6 @@ import struct
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Tuple
 
 from bpnet.errors import BpnetError
 from bpnet.io import atomic_path, json_default
@@ -156,7 +155,7 @@ def decrypt_bytes(data: bytes, key, source: str = "<bytes>") -> bytes:
                          "damaged): decryption failed authentication") from None
 
 
-def _read(path) -> Tuple[Path, bytes]:
+def _read(path) -> tuple[Path, bytes]:
     path = Path(path)
     if not path.exists():
         raise BpnetError(f"{path}: model file not found")
@@ -173,7 +172,7 @@ def is_encrypted(path) -> bool:
         return f.read(len(ENC_MAGIC)) == ENC_MAGIC
 
 
-def _plain_archive(path, key) -> Tuple[Path, bytes]:
+def _plain_archive(path, key) -> tuple[Path, bytes]:
     """The plain Keras archive bytes of a model file (decrypted if needed)."""
     path, data = _read(path)
     key = _check_key(key)
@@ -217,11 +216,10 @@ def save_model(model, path, meta: dict, key=None) -> Path:
     if key is not None:
         data = encrypt_bytes(data, key)
     try:
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
     except OSError as e:
         raise BpnetError(f"{path}: cannot write the model file ({e.strerror or e})") from e
     return path

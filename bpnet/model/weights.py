@@ -1,0 +1,139 @@
+"""Weights between models: loading a model file, copying weights by layer name,
+the precision clone and the BatchNorm switches.
+
+Training, ``import_model``, pruning and export all need these: a model file
+loaded with one clear error, weights carried over where layer names and
+shapes agree, a copy of a model computing in another precision, and the
+BatchNorm settings that hold while training only.
+
+Keras is imported inside the functions, never at module import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import BpnetError
+
+
+def walk_layers(model) -> Iterator:
+    """Every layer of ``model``, depth first; a nested model comes before its own layers."""
+    for layer in model.layers:
+        yield layer
+        if getattr(layer, "layers", None):
+            yield from walk_layers(layer)
+
+
+def weighted_layers(model) -> dict[str, object]:
+    """name -> layer for every layer that holds weights itself (nested models flattened)."""
+    return {layer.name: layer for layer in walk_layers(model)
+            if not getattr(layer, "layers", None) and layer.weights}
+
+
+def bn_layers(model) -> list:
+    return [layer for layer in walk_layers(model)
+            if layer.__class__.__name__ == "BatchNormalization"]
+
+
+def load_model_file(path, key, what: str):
+    """(keras.Model, meta) from a bpnet model file (encrypted with ``key`` or plain).
+
+    ``what`` names the file's role in messages ("pretrained_weights", "checkpoint").
+    """
+    p = Path(path)
+    if not p.exists():
+        raise BpnetError(f"{what} {p}: file not found")
+    from . import io as mio
+    try:
+        return mio.load_model(str(p), key=key)
+    except BpnetError:
+        raise
+    except Exception as e:  # zip/h5/JSON errors all mean an unreadable file
+        raise BpnetError(f"{what} {p}: not a readable model file ({type(e).__name__}: {e})") from e
+
+
+def copy_weights_by_name(src, dst) -> dict:
+    """Copy ``src``'s weights into ``dst`` layer by layer, matching layer names.
+
+    Returns {"loaded": [names], "skipped": [(name, reason)], "missing": [names
+    of dst layers with weights that src lacks]}. A layer is copied only when
+    every one of its weights has the same shape; otherwise it keeps its
+    initial values (e.g. output layers of a different pose config).
+    """
+    s_layers = weighted_layers(src)
+    loaded, skipped, missing = [], [], []
+    for name, layer in weighted_layers(dst).items():
+        s = s_layers.get(name)
+        if s is None:
+            missing.append(name)
+            continue
+        sw, dw = s.get_weights(), layer.get_weights()
+        if len(sw) != len(dw):
+            skipped.append((name, f"{len(sw)} weights in the file, {len(dw)} in the model"))
+            continue
+        bad = [(a.shape, b.shape) for a, b in zip(sw, dw) if tuple(a.shape) != tuple(b.shape)]
+        if bad:
+            skipped.append((name, f"shape mismatch: file {bad[0][0]} vs model {bad[0][1]}"))
+            continue
+        layer.set_weights(sw)
+        loaded.append(name)
+    return {"loaded": loaded, "skipped": skipped, "missing": missing}
+
+
+def clone_with_policy(model, policy: str):
+    """A copy of a functional ``model`` whose layers compute in ``policy``, same weights.
+
+    Layers the builder pinned to float32 (the outputs, whose squares the loss
+    sums) stay float32 when switching to a mixed policy.
+    """
+    import keras
+
+    outputs = set(model.output_names)
+    pinned = {layer.name for layer in walk_layers(model)
+              if getattr(getattr(layer, "dtype_policy", None), "name", None) == "float32"
+              and layer.name in outputs}
+
+    def fix_layer(layer_cfg):
+        cfg = layer_cfg.get("config", {})
+        if layer_cfg.get("class_name") == "InputLayer" or (
+                cfg.get("name") in pinned and policy != "float32"):
+            return layer_cfg  # inputs carry a plain dtype, not a policy
+        dt = cfg.get("dtype")
+        if isinstance(dt, dict) and dt.get("class_name") == "DTypePolicy":
+            cfg = {**cfg, "dtype": {**dt, "config": {**dt.get("config", {}), "name": policy}}}
+        return {**layer_cfg, "config": cfg}
+
+    config = model.get_config()
+    config = {**config, "layers": [fix_layer(c) for c in config["layers"]]}
+    clone = keras.Model.from_config(config)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def set_bn_sync(model, on: bool):
+    """Batch statistics over the global batch, so N replicas train like one device.
+
+    Keras reads ``synchronized`` at call time (TensorFlow backend only).
+    """
+    for layer in bn_layers(model):
+        layer.synchronized = on
+
+
+class unsynced_bn:
+    """Context: BN layers not synchronized while a model is saved.
+
+    Saved models never carry synchronized BN: other backends refuse to load it.
+    """
+
+    def __init__(self, model):
+        self.layers = [layer for layer in bn_layers(model) if getattr(layer, "synchronized", False)]
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer.synchronized = False
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.synchronized = True
+        return False
