@@ -1,7 +1,10 @@
 """The ``bpnet`` command: one small function per task.
 
-Each task's options mirror TAO's. Heavy libraries (TensorFlow, ONNX Runtime)
-are imported inside the task bodies only, so ``bpnet --help`` stays fast.
+Each task's options mirror TAO's. A command's function parses its options
+and calls the task body (bpnet.tasks, bpnet.train, bpnet.data) inside
+``run_task``, which adds logging, status.json and one-line errors. Task
+bodies are imported when their command runs, and heavy libraries
+(TensorFlow, ONNX Runtime) only inside them, so ``bpnet --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -218,7 +221,7 @@ def make_sample_data_cmd(output_dir, num_train, num_val, image_size, seed, resul
 def import_model_cmd(source, input_path, output_path, key, pose_config, results_dir, log_level):
     """Import a pretrained network as a bpnet model, copying every weight."""
     def body(status):
-        from .import_model import import_model
+        from .tasks.import_model import import_model
         return import_model(source, input_path, output_path, key=key, pose_config_path=pose_config)
     run_task("import_model", results_dir, log_level, body, tensorflow=True)
 
@@ -231,7 +234,7 @@ def import_model_cmd(source, input_path, output_path, key, pose_config, results_
 def evaluate_cmd(inference_spec, model_filename, dataset_spec, key, results_dir, log_level):
     """COCO keypoint AP/AR of a model on a dataset spec's test_data."""
     def body(status):
-        from .evaluate import evaluate
+        from .tasks.evaluate import evaluate
         return evaluate(inference_spec, dataset_spec, results_dir, model_path=model_filename,
                         key=key, status=status)
     run_task("evaluate", results_dir, log_level, body, tensorflow=True)
@@ -256,7 +259,7 @@ def inference_cmd(inference_spec, model_filename, input_type, input_path, image_
                   dump_visualizations, batch_size, max_frames, results_dir, log_level):
     """Find people in images, a folder, a list, a video or a webcam."""
     def body(status):
-        from .inference import run_inference
+        from .tasks.inference import run_inference
         return run_inference(inference_spec, model_filename, input_type, input_path, results_dir,
                              image_root_path=image_root_path, key=key,
                              dump_visualizations=dump_visualizations, batch_size=batch_size,
@@ -279,15 +282,19 @@ def inference_cmd(inference_spec, model_filename, input_type, input_path, image_
 def train_cmd(experiment_spec_file, results_dir, key, gpus, use_amp, log_level):
     """Train a model; re-running the same command resumes from the last checkpoint."""
     from .train import status_dir_for
+    spec = None
     try:
-        out_dir, status_dir = status_dir_for(experiment_spec_file, results_dir)
+        if results_dir is None:  # status.json goes to the spec's checkpoint_dir: read it now
+            from .specs import load_train_spec
+            spec = load_train_spec(experiment_spec_file)
+        out_dir, status_dir = status_dir_for(experiment_spec_file, results_dir, spec=spec)
     except BpnetError as e:
         _die("train", str(e))
 
     def body(status):
         from .train import train
         return train(experiment_spec_file, out_dir, key=key, gpus=gpus, use_amp=use_amp,
-                     status=status).as_status()
+                     status=status, spec=spec).as_status()
     run_task("train", status_dir, log_level, body, tensorflow=True)
 
 

@@ -1,33 +1,20 @@
 """The bpnet command line: version, light --help, one-line errors, status.json."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 import bpnet
-from bpnet.cli import main
+from conftest import bpnet_cli, invoke
 
 HEAVY = ("tensorflow", "keras", "onnxruntime", "onnx", "tf2onnx", "jax", "torch", "tensorrt")
 
 
-def _bpnet_cmd():
-    script = Path(sys.executable).parent / "bpnet"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "bpnet.cli"]
-
-
-def _run(*args, cwd=None):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run(_bpnet_cmd() + list(args), capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=300)
-
-
 def test_version():
-    r = _run("--version")
+    r = bpnet_cli("--version")
     assert r.returncode == 0
     assert r.stdout.strip() == f"bpnet, version {bpnet.__version__}"
 
@@ -53,7 +40,7 @@ print(json.dumps({{"commands": names, "heavy": [m for m in {HEAVY!r} if m in sys
 
 
 def test_help_lists_tao_options():
-    r = _run("dataset_convert", "--help")
+    r = bpnet_cli("dataset_convert", "--help")
     assert r.returncode == 0
     for opt in ("--dataset_spec", "--output_filename", "--mode", "--num_partitions", "--num_shards",
                 "--generate_masks", "--check_files", "--results_dir", "--log_level"):
@@ -68,7 +55,7 @@ def test_help_lists_tao_options():
     (["make_sample_data", "-o", "x", "--image_size", "big"], "--image_size"),
 ])
 def test_bad_arguments_one_line(tmp_path, args, needle):
-    r = _run(*args, cwd=tmp_path)
+    r = bpnet_cli(*args, cwd=tmp_path)
     assert r.returncode == 2
     lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
     assert len(lines) == 1, lines
@@ -78,8 +65,8 @@ def test_bad_arguments_one_line(tmp_path, args, needle):
 
 
 def test_task_error_is_one_line_and_status_failure(tmp_path):
-    r = _run("dataset_convert", "-d", str(tmp_path / "missing_spec.json"), "-o", str(tmp_path / "o"),
-             "-r", str(tmp_path / "res"))
+    r = bpnet_cli("dataset_convert", "-d", tmp_path / "missing_spec.json", "-o", tmp_path / "o",
+                  "-r", tmp_path / "res")
     assert r.returncode == 1
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert lines == [f"bpnet dataset_convert: error: {tmp_path / 'missing_spec.json'}: file not found"]
@@ -89,24 +76,22 @@ def test_task_error_is_one_line_and_status_failure(tmp_path):
 
 
 def test_debug_log_level_shows_traceback(tmp_path):
-    r = _run("dataset_convert", "-d", str(tmp_path / "missing.json"), "-o", str(tmp_path / "o"),
-             "-r", str(tmp_path / "res"), "-ll", "DEBUG")
+    r = bpnet_cli("dataset_convert", "-d", tmp_path / "missing.json", "-o", tmp_path / "o",
+                  "-r", tmp_path / "res", "-ll", "DEBUG")
     assert r.returncode != 0
     assert "Traceback" in r.stderr and "file not found" in r.stderr
 
 
 def test_status_success_with_summary(tmp_path):
-    res = CliRunner().invoke(main, ["make_sample_data", "-o", str(tmp_path / "data"), "--num_train", "3",
-                                    "--num_val", "1", "--image_size", "96", "128",
-                                    "-r", str(tmp_path / "res")])
+    res = invoke("make_sample_data", "-o", tmp_path / "data", "--num_train", "3",
+                 "--num_val", "1", "--image_size", "96", "128", "-r", tmp_path / "res")
     assert res.exit_code == 0, res.output
     status = json.loads((tmp_path / "res" / "status.json").read_text())
     assert status["status"] == "SUCCESS" and status["task"] == "make_sample_data"
     assert status["train"]["images"] == 3 and status["val"]["images"] == 1
     assert Path(status["dataset_spec"]).is_file()
-    res = CliRunner().invoke(main, ["dataset_convert", "-d", status["dataset_spec"],
-                                    "-o", str(tmp_path / "rec" / "train"), "--workers", "1",
-                                    "--generate_masks", "-r", str(tmp_path / "res2")])
+    res = invoke("dataset_convert", "-d", status["dataset_spec"], "-o", tmp_path / "rec" / "train",
+                 "--workers", "1", "--generate_masks", "-r", tmp_path / "res2")
     assert res.exit_code == 0, res.output
     status = json.loads((tmp_path / "res2" / "status.json").read_text())
     assert status["status"] == "SUCCESS" and status["records"] >= 1

@@ -1,7 +1,8 @@
 """dataset_convert on real COCO (../shared/data/coco_tiny) and on bad inputs.
 
 Expectations are derived in this file from the raw annotation JSON by the
-rules of REFERENCE section 4, independently of bpnet.data.coco.
+rules of TAO's COCO conversion (main persons, masks; docs/dataset_convert.md),
+independently of bpnet.data.coco.
 """
 
 import json
@@ -12,17 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from pycocotools import mask as mask_utils
 
-from bpnet.cli import main
 from bpnet.data import records as R
 from bpnet.data.convert import dataset_convert
 from bpnet.data.masks import read_mask
 from bpnet.data.synthetic import make_sample_dataset
 from bpnet.errors import BpnetError
 
-from conftest import COCO_TINY, REPO, need
+from conftest import COCO_TINY, REPO, invoke, need
 
 COCO_NAMES = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
               "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
@@ -338,10 +337,9 @@ def _ann(d):
 
 
 def _run_cli(d, *extra, out=None):
-    out = out or (d / "out" / "train")
-    res = CliRunner().invoke(main, ["dataset_convert", "-d", str(d / "sample_spec.json"), "-o", str(out),
-                                    "--workers", "1", "-r", str(d / "results"), *extra])
-    return res
+    """``bpnet dataset_convert`` on the sample copy in ``d``, results in d/results."""
+    return invoke("dataset_convert", "-d", d / "sample_spec.json", "-o", out or (d / "out" / "train"),
+                  "--workers", "1", "-r", d / "results", *extra)
 
 
 def _assert_failed(d, res, *needles):
@@ -383,9 +381,8 @@ def test_mask_folder_outside_a_symlinked_root_is_stored_absolute(sample, tmp_pat
     spec = json.loads((real / "sample_spec.json").read_text())
     spec["train_data"]["mask_root_dir_path"] = str(tmp_path / "masks_outside")
     (real / "sample_spec.json").write_text(json.dumps(spec))
-    res = CliRunner().invoke(main, ["dataset_convert", "-d", str(link / "sample_spec.json"),
-                                    "-o", str(tmp_path / "out" / "train"), "--generate_masks",
-                                    "--workers", "1", "-r", str(tmp_path / "results")])
+    res = invoke("dataset_convert", "-d", link / "sample_spec.json", "-o", tmp_path / "out" / "train",
+                 "--generate_masks", "--workers", "1", "-r", tmp_path / "results")
     assert res.exit_code == 0, res.output
     recs = list(R.read_records(tmp_path / "out" / "train"))
     masked = [r for r in recs if r["mask_path"]]

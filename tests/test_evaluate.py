@@ -10,14 +10,12 @@ import csv
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import COCO_TINY, REPO, TFPOSE_PB, need
+from conftest import COCO_TINY, REPO, TFPOSE_PB, bpnet_cli, error_lines, keras_to_onnx, need
 
 KPIS = ["AP_0.50:0.95_all", "AP_0.5", "AP_0.75", "AP_0.50:0.95_medium", "AP_0.50:0.95_large",
         "AR_0.50:0.95_all", "AR_0.5", "AR_0.75", "AR_0.50:0.95_medium", "AR_0.50:0.95_large"]
@@ -26,8 +24,8 @@ KPIS = ["AP_0.50:0.95_all", "AP_0.5", "AP_0.75", "AP_0.50:0.95_medium", "AP_0.50
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
     need(TFPOSE_PB)
-    from bpnet.import_model import import_tfpose
     from bpnet.model.io import save_model
+    from bpnet.tasks.import_model import import_tfpose
     model, meta = import_tfpose(TFPOSE_PB)
     path = tmp_path_factory.mktemp("model") / "mobilenet_thin.keras"
     save_model(model, path, meta)
@@ -47,22 +45,13 @@ def _dataset_spec(tmp_path, name="ds.json", **test_data):
     return path
 
 
-def _cli(*args):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run([sys.executable, "-m", "bpnet.cli", *map(str, args)],
-                          capture_output=True, text=True, env=env)
-
-
-def _errors(stderr):
-    return [ln for ln in stderr.splitlines() if ln.startswith("bpnet evaluate: error:")]
-
-
 def test_evaluate_cli_on_coco_tiny_val(tmp_path, model_file):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
     out = tmp_path / "eval"
-    r = _cli("evaluate", "-i", REPO / "specs" / "infer_spec_mobilenet_thin.yaml", "-m", model_file,
-             "-d", REPO / "data_pose_config" / "coco_tiny_spec.json", "-r", out)
+    r = bpnet_cli("evaluate", "-i", REPO / "specs" / "infer_spec_mobilenet_thin.yaml",
+                  "-m", model_file, "-d", REPO / "data_pose_config" / "coco_tiny_spec.json",
+                  "-r", out)
     assert r.returncode == 0, r.stderr
     # The KPI table is printed.
     for k in KPIS:
@@ -74,18 +63,21 @@ def test_evaluate_cli_on_coco_tiny_val(tmp_path, model_file):
     # The real pretrained network finds the people of these 4 images.
     assert kpi["AP_0.5"] > 0.8 and kpi["AP_0.50:0.95_all"] > 0.4 and kpi["AR_0.50:0.95_all"] > 0.4
     assert status["images_evaluated"] == 4 and status["images_missing"] == 0
-    assert status["network_s_per_image"] > 0 and status["decode_s_per_image"] > 0
+    # Timed as `bpnet inference` times: medians per step, wall time per image.
+    assert status["network_ms_median"] > 0 and status["decode_ms_median"] > 0
+    assert status["ms_per_image"] > 0
 
     det = json.loads((out / "detections.json").read_text())
     assert det["pose_config_type"] == "bpnet_18joints"
     assert det["categories"][0]["keypoints"][0] == "nose"
     assert det["inference_spec"]["keep_aspect_ratio_mode"] == "adjust_network_input"
-    assert len(det["images"]) == 4
+    assert len(det["images"]) == 4 and det["skipped"] == []
     gt = COCO(str(COCO_TINY / "annotations" / "person_keypoints_val2017.json"))
     n_people = 0
     for im in det["images"]:
         info = gt.imgs[im["image_id"]]
         assert os.path.basename(im["full_image_path"]) == info["file_name"]
+        assert (im["height"], im["width"]) == (info["height"], info["width"])
         assert len(im["keypoints"]) == len(im["scores"])
         for person in im["keypoints"]:
             assert len(person) == 18
@@ -106,11 +98,12 @@ def test_evaluate_cli_on_coco_tiny_val(tmp_path, model_file):
         rows = {row[0]: float(row[1]) for row in list(csv.reader(f))[1:]}
     for k in KPIS:
         assert abs(rows[k] - kpi[k]) < 1e-5
+    assert rows["network_ms_median"] == pytest.approx(status["network_ms_median"], abs=0.01)
 
 
 @pytest.mark.parametrize("spec_name", ["infer_spec_strict.yaml", "infer_spec_mobilenet_thin_refine.yaml"])
 def test_evaluate_strict_and_multiscale_specs(tmp_path, model_file, spec_name):
-    from bpnet.evaluate import evaluate
+    from bpnet.tasks.evaluate import evaluate
     spec = REPO / "specs" / spec_name
     if spec_name == "infer_spec_strict.yaml":
         # The shipped strict spec, pointed at the imported model.
@@ -129,9 +122,9 @@ def test_evaluate_strict_and_multiscale_specs(tmp_path, model_file, spec_name):
 def test_evaluate_rejects_dataset_spec_without_test_data(tmp_path, model_file):
     ds = _dataset_spec(tmp_path, drop=True)
     out = tmp_path / "r"
-    r = _cli("evaluate", "-i", REPO / "specs" / "infer_spec_mobilenet_thin.yaml", "-m", model_file,
-             "-d", ds, "-r", out)
-    errs = _errors(r.stderr)
+    r = bpnet_cli("evaluate", "-i", REPO / "specs" / "infer_spec_mobilenet_thin.yaml",
+                  "-m", model_file, "-d", ds, "-r", out)
+    errs = error_lines(r.stderr, "evaluate")
     assert r.returncode != 0 and len(errs) == 1 and "test_data" in errs[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not (out / "detections.json").exists() and not (out / "results.csv").exists()
@@ -140,7 +133,7 @@ def test_evaluate_rejects_dataset_spec_without_test_data(tmp_path, model_file):
 
 def test_evaluate_skips_and_counts_missing_and_unreadable_images(tmp_path, model_file):
     import cv2
-    from bpnet.evaluate import evaluate
+    from bpnet.tasks.evaluate import evaluate
     ann = json.loads((COCO_TINY / "annotations" / "person_keypoints_val2017.json").read_text())
     imgs = tmp_path / "imgs"
     shutil.copytree(COCO_TINY / "val2017", imgs)
@@ -160,6 +153,7 @@ def test_evaluate_skips_and_counts_missing_and_unreadable_images(tmp_path, model
     assert out["images_missing"] == 1 and out["images_unreadable"] == 1
     assert out["images_evaluated"] == 5
     det = json.loads((tmp_path / "r" / "detections.json").read_text())
+    assert {Path(s["path"]).name for s in det["skipped"]} == {"not_there.jpg", "corrupt.jpg"}
     by_name = {Path(im["full_image_path"]).name: im for im in det["images"]}
     assert "not_there.jpg" not in by_name and "corrupt.jpg" not in by_name
     assert by_name["deep.png"]["keypoints"] == by_name[first["file_name"]]["keypoints"]
@@ -181,9 +175,9 @@ def test_evaluate_rejects_model_whose_pose_does_not_match_dataset(tmp_path, mode
     spec["test_data"]["images_root_dir_path"] = str(tmp_path / "imgs")
     ds.write_text(json.dumps(spec))
     out = tmp_path / "r"
-    r = _cli("evaluate", "-i", REPO / "specs" / "infer_spec_mobilenet_thin.yaml", "-m", model_file,
-             "-d", ds, "-r", out)
-    errs = _errors(r.stderr)
+    r = bpnet_cli("evaluate", "-i", REPO / "specs" / "infer_spec_mobilenet_thin.yaml",
+                  "-m", model_file, "-d", ds, "-r", out)
+    errs = error_lines(r.stderr, "evaluate")
     assert r.returncode != 0 and len(errs) == 1, r.stderr
     assert "does not match" in errs[0] and "bpnet_18joints" in errs[0]
     assert not (out / "detections.json").exists()
@@ -191,22 +185,11 @@ def test_evaluate_rejects_model_whose_pose_does_not_match_dataset(tmp_path, mode
 
 def test_evaluate_onnx_model_matches_keras(tmp_path, model_file):
     """The same network as ONNX (run by ONNX Runtime) scores the same KPIs."""
-    tf = pytest.importorskip("tensorflow")
-    tf2onnx = pytest.importorskip("tf2onnx")
-    onnx = pytest.importorskip("onnx")
-    from bpnet.evaluate import evaluate
-    from bpnet.infer.runners import ONNX_META_KEY
-    from bpnet.model.build import stage_model
+    pytest.importorskip("tf2onnx")
     from bpnet.model.io import load_model
+    from bpnet.tasks.evaluate import evaluate
     model, meta = load_model(model_file)
-    last = stage_model(model)
-    proto, _ = tf2onnx.convert.from_function(
-        tf.function(lambda x: last(x, training=False)),
-        input_signature=(tf.TensorSpec([None, None, None, 3], tf.float32, name="input_1"),),
-        opset=17)
-    onnx.helper.set_model_props(proto, {ONNX_META_KEY: json.dumps(meta)})
-    onnx_path = tmp_path / "mobilenet_thin.onnx"
-    onnx.save(proto, str(onnx_path))
+    onnx_path = keras_to_onnx(model, meta, tmp_path / "mobilenet_thin.onnx")
     spec = REPO / "specs" / "infer_spec_mobilenet_thin.yaml"
     ds = REPO / "data_pose_config" / "coco_tiny_spec.json"
     k_onnx = evaluate(spec, ds, tmp_path / "onnx", model_path=onnx_path, show_progress=False)["kpi"]

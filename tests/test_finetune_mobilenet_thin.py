@@ -18,9 +18,9 @@ def test_finetune_from_imported_weights_then_evaluate(tmp_path):
     need(TFPOSE_PB)
     need(COCO_TINY)
     from bpnet.data.convert import dataset_convert
-    from bpnet.evaluate import evaluate
-    from bpnet.import_model import import_tfpose
     from bpnet.model.io import load_model, save_model
+    from bpnet.tasks.evaluate import evaluate
+    from bpnet.tasks.import_model import import_tfpose
     from bpnet.train import train
 
     model, meta = import_tfpose(TFPOSE_PB)

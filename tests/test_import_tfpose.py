@@ -6,13 +6,11 @@ the pose config's channel order, from bpnet's normalized RGB input.
 """
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import COCO_TINY, SHARED_IMAGES, TFPOSE_PB, need
+from conftest import COCO_TINY, SHARED_IMAGES, TFPOSE_PB, bpnet_cli, error_lines, need
 
 cv2 = pytest.importorskip("cv2")
 
@@ -20,7 +18,7 @@ cv2 = pytest.importorskip("cv2")
 @pytest.fixture(scope="module")
 def imported():
     need(TFPOSE_PB)
-    from bpnet.import_model import import_tfpose
+    from bpnet.tasks.import_model import import_tfpose
     return import_tfpose(TFPOSE_PB)
 
 
@@ -43,7 +41,7 @@ def _normalize(image_bgr, meta):
 
 
 def test_imported_maps_equal_frozen_graph_every_stage(imported):
-    from bpnet.import_model import run_frozen_graph, tfpose_stage_tensors
+    from bpnet.tasks.import_model import run_frozen_graph, tfpose_stage_tensors
     model, meta = imported
     stages = meta["model"]["stages"]
     assert stages == 6 and len(model.outputs) == 2 * stages
@@ -61,7 +59,7 @@ def test_imported_maps_equal_frozen_graph_every_stage(imported):
 
 
 def test_graph_output_is_heatmaps_then_pafs_of_last_stage(imported):
-    from bpnet.import_model import run_frozen_graph
+    from bpnet.tasks.import_model import run_frozen_graph
     model, meta = imported
     _, img = _real_images()[0]
     (full,) = run_frozen_graph(TFPOSE_PB, img[None])
@@ -115,17 +113,12 @@ def test_channels_follow_pose_config_order_on_annotated_images(imported):
     assert np.mean(along) > 0.4 and abs(np.mean(across)) < 0.1
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "bpnet.cli", *args], capture_output=True, text=True,
-                          env={**__import__("os").environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-
-
 def test_import_model_cli_writes_loadable_model_with_meta(tmp_path, imported):
     need(TFPOSE_PB)
     from bpnet.model.io import load_model
     out = tmp_path / "mobilenet_thin.keras"
-    r = _cli("import_model", "--source", "tfpose", "-i", str(TFPOSE_PB), "-o", str(out),
-             "-k", "s3cret", "-r", str(tmp_path / "res"))
+    r = bpnet_cli("import_model", "--source", "tfpose", "-i", TFPOSE_PB, "-o", out,
+                  "-k", "s3cret", "-r", tmp_path / "res")
     assert r.returncode == 0, r.stderr
     status = json.loads((tmp_path / "res" / "status.json").read_text())
     assert status["status"] == "SUCCESS" and status["weights_copied"] == 215
@@ -150,12 +143,12 @@ def test_import_model_cli_rejects_bad_input(tmp_path):
     bad = tmp_path / "not_a_graph.pb"
     bad.write_bytes(b"\x00\x01 this is not a protobuf graph \xff" * 10)
     out = tmp_path / "m.keras"
-    r = _cli("import_model", "-i", str(bad), "-o", str(out), "-r", str(tmp_path / "r1"))
-    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("bpnet import_model: error:")]
+    r = bpnet_cli("import_model", "-i", bad, "-o", out, "-r", tmp_path / "r1")
+    errors = error_lines(r.stderr, "import_model")
     assert r.returncode != 0 and len(errors) == 1 and "not a TensorFlow GraphDef" in errors[0]
     assert "Traceback" not in r.stderr
     assert not out.exists()
-    r = _cli("import_model", "-i", str(tmp_path / "missing.pb"), "-o", str(out), "-r", str(tmp_path / "r2"))
+    r = bpnet_cli("import_model", "-i", tmp_path / "missing.pb", "-o", out, "-r", tmp_path / "r2")
     assert r.returncode != 0 and "not found" in r.stderr
     assert not out.exists()
 
@@ -164,7 +157,7 @@ def test_import_reports_every_weight_it_cannot_copy(tmp_path):
     """A graph missing one weight is refused, naming it; nothing is written."""
     need(TFPOSE_PB)
     from bpnet.errors import BpnetError
-    from bpnet.import_model import import_tfpose, read_graph_def
+    from bpnet.tasks.import_model import import_tfpose, read_graph_def
     g = read_graph_def(TFPOSE_PB)
     drop = "Openpose/MConv_Stage6_L1_5_pointwise/Conv2D_bn_offset"
     kept = [n for n in g.node if n.name != drop]

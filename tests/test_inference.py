@@ -1,6 +1,7 @@
 """`bpnet inference` and the Predictor: runners, geometry end to end, outputs, bad input,
 and the real pretrained network on real pictures and video."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -8,16 +9,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from bpnet.cli import main
 from bpnet.data.labels import render_labels
 from bpnet.errors import BpnetError
 from bpnet.infer.preprocess import plan_geometry
-from bpnet.infer.runners import ONNX_META_KEY, Runner, load_runner
+from bpnet.infer.runners import Runner, load_runner
+from bpnet.model.meta import make_meta
 from bpnet.pose import load_pose_config, pose_config_from_dict
 from bpnet.specs import InferenceSpec, ModelConfig, default_pose_config_path
-from conftest import COCO_VAL_ANN, DEMO_VIDEO, SHARED_IMAGES, TFPOSE_PB, need
+from conftest import (COCO_VAL_ANN, DEMO_VIDEO, SHARED_IMAGES, TFPOSE_PB, invoke, keras_to_onnx,
+                      need)
 from test_preprocess import _match_error, _mirror
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -34,9 +35,7 @@ NORM = {"image_scale": [256.0] * 3, "image_offset": [0.5] * 3}
 
 
 def _meta(pose, cfg):
-    import dataclasses
-    return {"pose_config": pose.to_dict(), "normalization": NORM, "stride": 8,
-            "model": dataclasses.asdict(cfg), "input_channels": 3, "num_stages": cfg.stages}
+    return make_meta(pose, NORM, dataclasses.asdict(cfg), num_stages=cfg.stages)
 
 
 @pytest.fixture(scope="session")
@@ -56,30 +55,13 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny, tmp_path_factory):
-    """The tiny model's last stage converted with tf2onnx, meta in metadata_props."""
-    import onnx
-    import tensorflow as tf
-    import tf2onnx
-    from bpnet.infer.runners import KerasRunner
-    kr = KerasRunner(tiny)
-    sm = kr.model
-
-    def call(x):
-        return sm([x], training=False)
-
-    out = {}
-    for name, shape in (("dynamic", [None, None, None, 3]), ("fixed", [1, 64, 96, 3])):
-        fn = tf.function(call, autograph=False)
-        proto, _ = tf2onnx.convert.from_function(
-            fn, input_signature=[tf.TensorSpec(shape, tf.float32, name="input")], opset=17)
-        meta = dict(kr.meta)
-        meta.pop("num_stages")  # an export carries only the last stage
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = ONNX_META_KEY, json.dumps(meta)
-        p = tmp_path_factory.mktemp("onnx") / f"tiny_{name}.onnx"
-        onnx.save(proto, str(p))
-        out[name] = p
-    return out
+    """The tiny model's last stage as ONNX (dynamic and fixed input), meta in metadata_props."""
+    from bpnet.model.io import load_model
+    model, meta = load_model(tiny)
+    d = tmp_path_factory.mktemp("onnx")
+    return {name: keras_to_onnx(model, meta, d / f"tiny_{name}.onnx", input_shape=shape,
+                                input_name="input")
+            for name, shape in (("dynamic", [None, None, None, 3]), ("fixed", [1, 64, 96, 3]))}
 
 
 # ------------------------------------------------------------------ runners
@@ -196,7 +178,7 @@ class OracleRunner(Runner):
 
     def __init__(self, pose, pictures, spec):
         self.pose = pose
-        self.meta = {"pose_config": pose.to_dict(), "normalization": NORM, "stride": 8}
+        self.meta = make_meta(pose, NORM, {})
         self.path = "<oracle>"
         self.geo = {}
         scales = spec.scales if spec.multi_scale_inference else [1.0]
@@ -278,12 +260,57 @@ def test_predictor_returns_people_in_original_pixels(mode, multi, flip):
         assert (kp[..., 0] <= hw[1] - 1).all() and (kp[..., 1] <= hw[0] - 1).all()
 
 
+# ------------------------------------------------------------------ the detection loop
+
+def test_detect_batches_keeps_order_and_reports_unreadable_pictures(tmp_path, tiny):
+    """Batched detection gives what one-by-one prediction gives, in input order; a bad file
+    is a Detection with its error (or, strict, the error raised)."""
+    from bpnet.infer.detect import RunTimer, detect
+    from bpnet.infer.predictor import Predictor
+    from bpnet.infer.preprocess import ImageReadError, read_image
+    from bpnet.infer.sources import Item
+    rng = np.random.default_rng(5)
+    names = []
+    for k, hw in enumerate([(64, 64), (48, 80), (64, 64), (64, 64)]):
+        names.append(tmp_path / f"p{k}.png")
+        cv2.imwrite(str(names[-1]), rng.integers(0, 255, hw + (3,), dtype=np.uint8))
+    (tmp_path / "bad.jpg").write_bytes(b"not a picture")
+    files = names[:2] + [tmp_path / "bad.jpg", tmp_path / "gone.png"] + names[2:]
+    items = [Item(str(f), f, 100 + k) for k, f in enumerate(files)]
+    pred = Predictor(InferenceSpec(input_shape=[64, 64]), model_path=tiny)
+    calls = []
+    many = pred.predict_many
+    pred.predict_many = lambda pics: calls.append(len(pics)) or many(pics)
+    dets = list(detect(pred, items, batch_size=3))
+    assert [d.item.image_id for d in dets] == [100 + k for k in range(len(files))]
+    assert [d.ok for d in dets] == [True, True, False, False, True, True]
+    assert "bad.jpg" in dets[2].error and "not found" in dets[3].error
+    assert dets[2].people is None and dets[2].image is None
+    assert calls == [2, 2]  # 3 items, one unreadable; then 3 items, one missing
+    timer = RunTimer()
+    for d in dets:
+        if d.ok:
+            alone, _ = pred.predict(read_image(d.item.file))
+            np.testing.assert_array_equal(d.people.keypoints, alone.keypoints)
+            assert d.image.shape[:2] == read_image(d.item.file).shape[:2]
+            assert set(d.timings) == {"preprocess_s", "network_s", "decode_s"}
+            timer.add(d.timings)
+    summary = timer.summary()
+    assert timer.count == 4 and summary["network_ms_median"] > 0
+    assert list(summary) == ["ms_per_image", "preprocess_ms_median", "network_ms_median",
+                             "decode_ms_median"]
+    with pytest.raises(ImageReadError, match="bad.jpg"):
+        list(detect(pred, items, batch_size=3, strict=True))
+    # Decoded pictures (video frames) with their items, plain paths and bare arrays.
+    frame = read_image(names[0])
+    (d,) = detect(pred, [(Item("clip#frame=7", None, 7, frame=7), frame)])
+    assert d.ok and d.item.frame == 7 and d.image is frame
+    by_path = list(detect(pred, [str(names[1]), frame]))
+    assert [d.item.image_id for d in by_path] == [0, 1] and all(d.ok for d in by_path)
+    assert by_path[0].item.path == str(names[1])
+
+
 # ------------------------------------------------------------------ the command
-
-def _run(args):
-    r = CliRunner().invoke(main, ["inference"] + args, catch_exceptions=False)
-    return r.exit_code, r.output
-
 
 @pytest.fixture
 def spec_file(tmp_path):
@@ -310,10 +337,10 @@ def _bad_input_folder(d: Path):
 def test_folder_with_bad_files_keeps_every_good_result(tmp_path, tiny, spec_file):
     good = _bad_input_folder(tmp_path / "in")
     out = tmp_path / "out"
-    code, text = _run(["-i", str(spec_file), "-m", str(tiny), "--input_type", "dir",
-                       "--input", str(tmp_path / "in"), "-r", str(out), "--dump_visualizations",
-                       "--batch_size", "3"])
-    assert code == 0, text
+    r = invoke("inference", "-i", str(spec_file), "-m", str(tiny), "--input_type", "dir",
+               "--input", str(tmp_path / "in"), "-r", str(out), "--dump_visualizations",
+               "--batch_size", "3")
+    assert r.exit_code == 0, r.output
     det = json.loads((out / "detections.json").read_text())
     assert [Path(e["full_image_path"]).name for e in det["images"]] == good
     assert {Path(s["path"]).name for s in det["skipped"]} == {"notes.txt", "g_corrupt.jpg"}
@@ -342,29 +369,29 @@ def test_json_inputs_list_and_coco_style(tmp_path, tiny, spec_file):
         cv2.imwrite(str(root / n), np.full((40, 56, 3), 77, np.uint8))
     lst = tmp_path / "list.json"
     lst.write_text(json.dumps(["x.jpg", "gone.jpg", "y.png"]))
-    code, text = _run(["-i", str(spec_file), "-m", str(tiny), "--input_type", "json",
-                       "--input", str(lst), "--image_root_path", str(root), "-r",
-                       str(tmp_path / "o1")])
-    assert code == 0, text
+    r = invoke("inference", "-i", str(spec_file), "-m", str(tiny), "--input_type", "json",
+               "--input", str(lst), "--image_root_path", str(root), "-r",
+               str(tmp_path / "o1"))
+    assert r.exit_code == 0, r.output
     det = json.loads((tmp_path / "o1" / "detections.json").read_text())
     assert [Path(e["full_image_path"]).name for e in det["images"]] == ["x.jpg", "y.png"]
     assert [Path(s["path"]).name for s in det["skipped"]] == ["gone.jpg"]
     coco_in = tmp_path / "coco.json"
     coco_in.write_text(json.dumps({"images": [{"id": 4711, "file_name": "y.png"},
                                               {"id": 12, "file_name": "x.jpg"}]}))
-    code, text = _run(["-i", str(spec_file), "-m", str(tiny), "--input_type", "json",
-                       "--input", str(coco_in), "--image_root_path", str(root), "-r",
-                       str(tmp_path / "o2")])
-    assert code == 0, text
+    r = invoke("inference", "-i", str(spec_file), "-m", str(tiny), "--input_type", "json",
+               "--input", str(coco_in), "--image_root_path", str(root), "-r",
+               str(tmp_path / "o2"))
+    assert r.exit_code == 0, r.output
     det = json.loads((tmp_path / "o2" / "detections.json").read_text())
     assert [e["image_id"] for e in det["images"]] == [4711, 12]
     # Nothing at all readable: one clear error, no outputs.
     none = tmp_path / "none.json"
     none.write_text(json.dumps(["a.jpg", "b.jpg"]))
-    code, text = _run(["-i", str(spec_file), "-m", str(tiny), "--input_type", "json",
-                       "--input", str(none), "--image_root_path", str(root), "-r",
-                       str(tmp_path / "o3")])
-    assert code != 0 and "none of the 2 listed images exist" in text
+    r = invoke("inference", "-i", str(spec_file), "-m", str(tiny), "--input_type", "json",
+               "--input", str(none), "--image_root_path", str(root), "-r",
+               str(tmp_path / "o3"))
+    assert r.exit_code != 0 and "none of the 2 listed images exist" in r.output
     assert not (tmp_path / "o3" / "detections.json").exists()
 
 
@@ -388,12 +415,12 @@ def test_bad_input_is_one_clear_error_and_no_output(tmp_path, tiny, spec_file, c
     else:
         inp = str(tmp_path / "absent.png")
     out = tmp_path / "out"
-    code, text = _run(["-i", str(spec_file), "-m", model, "--input_type", itype, "--input", inp,
-                       "-r", str(out)])
-    assert code != 0
-    lines = [ln for ln in text.strip().splitlines() if "error" in ln]
-    assert len(lines) == 1 and lines[0].startswith("bpnet inference: error:"), text
-    assert "Traceback" not in text
+    r = invoke("inference", "-i", str(spec_file), "-m", model, "--input_type", itype, "--input", inp,
+               "-r", str(out))
+    assert r.exit_code != 0
+    lines = [ln for ln in r.output.strip().splitlines() if "error" in ln]
+    assert len(lines) == 1 and lines[0].startswith("bpnet inference: error:"), r.output
+    assert "Traceback" not in r.output
     assert not (out / "detections.json").exists()
     assert json.loads((out / "status.json").read_text())["status"] == "FAILURE"
 
@@ -407,10 +434,10 @@ def test_video_file_writes_tracks_frames_and_annotated_video(tmp_path, tiny, spe
         vw.write(frame)
     vw.release()
     out = tmp_path / "out"
-    code, text = _run(["-i", str(spec_file), "-m", str(tiny), "--input_type", "video",
-                       "--input", str(clip), "-r", str(out), "--dump_visualizations",
-                       "--batch_size", "3"])
-    assert code == 0, text
+    r = invoke("inference", "-i", str(spec_file), "-m", str(tiny), "--input_type", "video",
+               "--input", str(clip), "-r", str(out), "--dump_visualizations",
+               "--batch_size", "3")
+    assert r.exit_code == 0, r.output
     lines = (out / "clip_frames.jsonl").read_text().strip().splitlines()
     assert [json.loads(ln)["frame"] for ln in lines] == list(range(7))
     det = json.loads((out / "detections.json").read_text())
@@ -422,9 +449,9 @@ def test_video_file_writes_tracks_frames_and_annotated_video(tmp_path, tiny, spe
     assert n == 7
     assert not list((out / "images_annotated").glob(".*partial*"))
     # --max_frames stops early.
-    code, _ = _run(["-i", str(spec_file), "-m", str(tiny), "--input_type", "video",
-                    "--input", str(clip), "-r", str(tmp_path / "out2"), "--max_frames", "2"])
-    assert code == 0
+    r = invoke("inference", "-i", str(spec_file), "-m", str(tiny), "--input_type", "video",
+               "--input", str(clip), "-r", str(tmp_path / "out2"), "--max_frames", "2")
+    assert r.exit_code == 0
     assert len((tmp_path / "out2" / "clip_frames.jsonl").read_text().strip().splitlines()) == 2
 
 
@@ -433,7 +460,7 @@ def test_video_file_writes_tracks_frames_and_annotated_video(tmp_path, tiny, spe
 @pytest.fixture(scope="session")
 def mobilenet_thin(tmp_path_factory):
     need(TFPOSE_PB)
-    from bpnet.import_model import import_model
+    from bpnet.tasks.import_model import import_model
     path = tmp_path_factory.mktemp("mnt") / "mobilenet_thin.keras"
     import_model("tfpose", TFPOSE_PB, path)
     return path
@@ -502,9 +529,9 @@ def test_real_network_on_demo_video_keeps_ids(tmp_path, mobilenet_thin):
     spec = tmp_path / "s.yaml"
     spec.write_text("input_shape: [368, 368]\nkeep_aspect_ratio_mode: adjust_network_input\n")
     out = tmp_path / "out"
-    code, text = _run(["-i", str(spec), "-m", str(mobilenet_thin), "--input_type", "video",
-                       "--input", str(DEMO_VIDEO), "-r", str(out), "--dump_visualizations"])
-    assert code == 0, text
+    r = invoke("inference", "-i", str(spec), "-m", str(mobilenet_thin), "--input_type", "video",
+               "--input", str(DEMO_VIDEO), "-r", str(out), "--dump_visualizations")
+    assert r.exit_code == 0, r.output
     frames = [json.loads(ln) for ln in (out / "demo_frames.jsonl").read_text().splitlines()]
     assert len(frames) == 5
     assert all(len(f["people"]) >= 3 for f in frames)

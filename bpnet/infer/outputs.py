@@ -1,14 +1,19 @@
 """Detection file formats: TAO's detections.json and COCO keypoint results.
 
+``write_detections`` writes both files for ``bpnet inference`` and
+``bpnet evaluate`` alike.
+
 detections.json (TAO's layout, bpnet's extra keys marked +):
 
     {"pose_config_type": NAME, "categories": [COCO category of the pose
-     config], "inference_spec": {...}, "images": [
+     config (evaluate: the dataset spec's categories)], "inference_spec":
+     {the spec's fields, +"model_path", +"spec_file", +"input_shape_used",
+     +"keep_aspect_ratio_mode_used"}, "images": [
        {"full_image_path": PATH, "keypoints": [[[x, y] * J] per person],
         "scores": [person score], +"joint_scores": [[s] * J per person],
         +"boxes": [[x0, y0, x1, y1] per person], +"image_id", +"height", +"width",
         (+"frame", +"track_ids" for video)}],
-     +"skipped": [{"path", "reason"}]}
+     +"skipped": [{"path", "reason"}] (pictures, not video)}
 
 Coordinates are original-image pixels; a missing joint is [0, 0] with score 0.
 
@@ -21,9 +26,13 @@ such as the neck that way).
 
 from __future__ import annotations
 
-from typing import List
+import dataclasses
+from pathlib import Path
+from typing import List, Optional
 
 import numpy as np
+
+from ..io import write_json_atomic
 
 
 def _r(v, nd=2):
@@ -53,12 +62,42 @@ def image_entry(path: str, people, image_id=None, hw=None, **extra) -> dict:
     return entry
 
 
-def detections_doc(pose, inference_spec: dict, images: List[dict], skipped=None) -> dict:
-    doc = {"pose_config_type": pose.name, "categories": [coco_category(pose)],
+def spec_doc(predictor, spec_file=None) -> dict:
+    """The inference spec of a run as detections.json records it.
+
+    The spec's fields, the model file that ran, the spec file (None for a
+    spec made in code) and the input size and aspect mode actually used (a
+    fixed-size ONNX model overrides the spec's).
+    """
+    d = dataclasses.asdict(predictor.spec)
+    d["model_path"] = predictor.runner.path
+    d["spec_file"] = str(spec_file) if spec_file else None
+    d["input_shape_used"] = predictor.input_shape
+    d["keep_aspect_ratio_mode_used"] = predictor.mode
+    return d
+
+
+def detections_doc(pose, inference_spec: dict, images: List[dict], skipped=None,
+                   categories: Optional[List[dict]] = None) -> dict:
+    """The detections.json document; ``categories`` default to the pose config's one."""
+    doc = {"pose_config_type": pose.name,
+           "categories": categories if categories is not None else [coco_category(pose)],
            "inference_spec": inference_spec, "images": images}
     if skipped is not None:
         doc["skipped"] = skipped
     return doc
+
+
+def write_detections(results_dir, pose, inference_spec: dict, images: List[dict],
+                     coco: List[dict], skipped=None, categories=None):
+    """detections.json (see detections_doc) and detections_coco_format.json in results_dir.
+
+    Each file is written atomically: it appears complete or not at all.
+    """
+    out = Path(results_dir)
+    write_json_atomic(out / "detections.json",
+                      detections_doc(pose, inference_spec, images, skipped, categories))
+    write_json_atomic(out / "detections_coco_format.json", coco, indent=None)
 
 
 def coco_results(people, image_id, mapping=None, category_id: int = 1) -> List[dict]:

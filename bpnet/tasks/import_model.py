@@ -25,7 +25,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .errors import BpnetError
+from ..errors import BpnetError
+from ..model.meta import make_meta
 
 log = logging.getLogger("bpnet.import_model")
 
@@ -34,7 +35,6 @@ SOURCES = ("tfpose",)
 TFPOSE_NORMALIZATION = {"image_scale": [256.0, 256.0, 256.0], "image_offset": [0.0, 0.0, 0.0]}
 TFPOSE_INPUT = "image"
 TFPOSE_OUTPUT = "Openpose/concat_stage7"
-STRIDE = 8
 
 _BACKBONE_RE = re.compile(r"^MobilenetV1/Conv2d_(\d+)(?:_(depthwise|pointwise))?/")
 _HEAD_RE = re.compile(r"^Openpose/MConv_Stage(\d+)_L([12])_(\d+)_(depthwise|pointwise)/")
@@ -85,7 +85,7 @@ def tfpose_weight_table(consts: Dict[str, np.ndarray], path="graph"):
     the stage count and the set of constant names used. Constants that are
     not weights (concat axes) are recognised by their rank.
     """
-    from .model.mobilenet_thin import head_layer_name
+    from ..model.mobilenet_thin import head_layer_name
 
     stages = 0
     for name in consts:
@@ -128,7 +128,7 @@ def tfpose_weight_table(consts: Dict[str, np.ndarray], path="graph"):
 
 
 def _model_config(stages: int, pose):
-    from .specs import BackboneAttributes, ModelConfig
+    from ..specs import BackboneAttributes, ModelConfig
     return ModelConfig(class_name="MobileNetThinModel",
                        backbone_attributes=BackboneAttributes(architecture="mobilenet_v1",
                                                               use_bias=True),
@@ -141,9 +141,9 @@ def import_tfpose(pb_path, pose=None):
 
     Returns (keras model, meta) with meta as bpnet.model.io.save_model wants it.
     """
-    from .model.mobilenet_thin import build_mobilenet_thin
-    from .pose import load_pose_config
-    from .specs import default_pose_config_path, spec_to_dict
+    from ..model.mobilenet_thin import build_mobilenet_thin
+    from ..pose import load_pose_config
+    from ..specs import default_pose_config_path, spec_to_dict
 
     pose = pose or load_pose_config(default_pose_config_path())
     graph_def = read_graph_def(pb_path)
@@ -203,15 +203,9 @@ def import_tfpose(pb_path, pose=None):
         raise BpnetError(f"{pb_path}: cannot import every weight: " + "; ".join(errors[:8])
                          + (f" (and {len(errors) - 8} more)" if len(errors) > 8 else ""))
 
-    meta = {
-        "pose_config": pose.to_dict(),
-        "normalization": dict(TFPOSE_NORMALIZATION),
-        "stride": STRIDE,
-        "model": spec_to_dict(cfg),
-        "input_channels": 3,
-        "source": {"kind": "tfpose", "file": Path(pb_path).name,
-                   "weights_copied": len(used)},
-    }
+    meta = make_meta(pose, TFPOSE_NORMALIZATION, spec_to_dict(cfg),
+                     source={"kind": "tfpose", "file": Path(pb_path).name,
+                             "weights_copied": len(used)})
     n_params = int(sum(np.prod(v.shape) for v in model.weights))
     log.info("imported %d weight tensors (%d parameters) into %d layers, %d stages",
              len(used), n_params, len(copied), stages)
@@ -221,8 +215,8 @@ def import_tfpose(pb_path, pose=None):
 def import_model(source: str, input_path, output_path, key: Optional[str] = None,
                  pose_config_path=None) -> dict:
     """The ``bpnet import_model`` task body: import and save; returns a summary."""
-    from .model.io import save_model
-    from .pose import load_pose_config
+    from ..model.io import save_model
+    from ..pose import load_pose_config
 
     if source not in SOURCES:
         raise BpnetError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")

@@ -1,18 +1,23 @@
 """``bpnet evaluate``: COCO keypoint AP/AR of a model on a dataset's test split.
 
-Every image of the dataset spec's test_data goes through the inference
-Predictor (single-scale, multi-scale or strict, whatever the inference spec
+Every image of the dataset spec's test_data goes through the detection loop
+that ``bpnet inference`` runs (bpnet.infer.detect: batched through the
+Predictor, single-scale, multi-scale or strict, whatever the inference spec
 says; any model file the runners load). Detected people come back in the
 model's joints and original-image pixels; they are mapped onto the dataset's
 keypoints by name (COCO: the synthetic neck is dropped) and scored with
-pycocotools' COCOeval on keypoints.
+pycocotools' COCOeval on keypoints. Images missing or unreadable are left
+out of the metrics, counted and listed under "skipped".
 
 Outputs in the results dir (each written atomically):
-- ``detections.json``: TAO's layout, model joints per person with (0, 0)
-  for a missing joint;
-- ``detections_coco_format.json``: COCO result entries;
-- ``results.csv``: one KPI per row;
-- ``status.json``: the KPIs under "kpi", plus timing and image counts.
+- ``detections.json``: TAO's layout (bpnet.infer.outputs), model joints per
+  person with (0, 0) for a missing joint;
+- ``detections_coco_format.json``: COCO result entries in the dataset's
+  keypoints;
+- ``results.csv``: one KPI per row, then the timings;
+- ``status.json``: the KPIs under "kpi", image counts, and the timings as
+  ``bpnet inference`` reports them (ms_per_image and each step's median ms,
+  after one untimed warm-up picture).
 """
 
 from __future__ import annotations
@@ -22,12 +27,10 @@ import copy
 import csv
 import io
 import logging
-import time
 from pathlib import Path
 from typing import Optional
 
-
-from .errors import BpnetError
+from ..errors import BpnetError
 
 log = logging.getLogger("bpnet.evaluate")
 
@@ -53,7 +56,7 @@ def load_ground_truth(dataset_spec_path):
     """(dataset spec, COCO object, images dir) of the spec's test_data, validated."""
     from pycocotools.coco import COCO
 
-    from .specs import load_dataset_spec
+    from ..specs import load_dataset_spec
 
     spec = load_dataset_spec(dataset_spec_path)
     if spec.test_data is None:
@@ -129,15 +132,20 @@ def format_table(kpi: dict, extra: Optional[dict] = None) -> str:
 
 
 def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=None, key=None,
-             status=None, show_progress: bool = True) -> dict:
-    """The ``bpnet evaluate`` task body; returns the summary stored in status.json."""
+             status=None, show_progress: bool = True, batch_size: int = 4) -> dict:
+    """The ``bpnet evaluate`` task body; returns the summary stored in status.json.
+
+    ``batch_size``: pictures per network call, as in ``bpnet inference``.
+    """
     from tqdm import tqdm
 
-    from .infer.outputs import coco_results, image_entry
-    from .infer.predictor import Predictor
-    from .infer.preprocess import ImageReadError, read_image
-    from .io import write_json_atomic, atomic_path
-    from .specs import load_inference_spec, spec_to_dict
+    from ..infer.detect import RunTimer, detect
+    from ..infer.outputs import coco_results, image_entry, spec_doc, write_detections
+    from ..infer.predictor import Predictor
+    from ..infer.preprocess import ImageReadError, read_image
+    from ..infer.sources import Item
+    from ..io import atomic_path
+    from ..specs import load_inference_spec, spec_to_dict
 
     infer_spec = load_inference_spec(inference_spec_path)
     if model_path is None and infer_spec.model_path is None:
@@ -150,11 +158,10 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
         raise BpnetError(f"{dataset_spec_path}: the test annotation file lists no images")
     present, missing = [], []
     for iid in image_ids:
-        info = coco.imgs[iid]
-        path = images_dir / info["file_name"]
-        (present if path.is_file() else missing).append((iid, path))
+        path = images_dir / coco.imgs[iid]["file_name"]
+        (present if path.is_file() else missing).append(Item(str(path), path, int(iid)))
     if missing:
-        names = ", ".join(str(p.name) for _, p in missing[:3])
+        names = ", ".join(it.file.name for it in missing[:3])
         log.warning("%d of %d images named by the annotations are missing under %s (e.g. %s); "
                     "they are skipped and left out of the metrics", len(missing), len(image_ids),
                     images_dir, names)
@@ -162,68 +169,58 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
         raise BpnetError(f"{dataset_spec_path}: none of the {len(image_ids)} test images exist "
                          f"under {images_dir}; check root_directory_path and images_root_dir_path")
 
-    predictor = Predictor(infer_spec, model_path=model_path, key=key)
+    predictor = Predictor(infer_spec, model_path=model_path, key=key, batch_size=batch_size)
     model_desc = str(model_path or infer_spec.model_path)
     mapping = check_pose_matches(predictor.pose, list(cat.keypoints), dataset_spec_path, model_desc)
 
     # One untimed run first: graph tracing and the decoder's JIT compilation
     # happen once per process and would otherwise be billed to the first image.
     try:
-        predictor.predict(read_image(present[0][1]))
+        predictor.predict(read_image(present[0].file))
     except ImageReadError:
         pass  # reported with the other images below
 
     det_images, coco_dets, evaluated = [], [], []
-    unreadable = []
-    net_s = dec_s = 0.0
-    t_start = time.perf_counter()
-    bar = tqdm(present, desc="evaluate", unit="img", disable=not show_progress)
-    for n, (iid, path) in enumerate(bar, start=1):
-        try:
-            image = read_image(path)
-        except ImageReadError as e:
-            log.warning("%s; skipped", e)
-            unreadable.append(path)
-            continue
-        people, timings = predictor.predict(image)
-        net_s += float(timings.get("network_s", 0.0))
-        dec_s += float(timings.get("decode_s", 0.0))
-        det_images.append(image_entry(str(path), people, image_id=int(iid)))
-        coco_dets.extend(coco_results(people, int(iid), mapping, cat.id))
-        evaluated.append(iid)
+    skipped = [{"path": it.path, "reason": "file not found"} for it in missing]
+    unreadable = 0
+    timer = RunTimer()
+    bar = tqdm(total=len(present), desc="evaluate", unit="img", disable=not show_progress)
+    for n, d in enumerate(detect(predictor, present, batch_size), start=1):
+        if d.ok:
+            timer.add(d.timings)
+            det_images.append(image_entry(d.item.path, d.people, image_id=d.item.image_id,
+                                          hw=d.image.shape[:2]))
+            coco_dets.extend(coco_results(d.people, d.item.image_id, mapping, cat.id))
+            evaluated.append(d.item.image_id)
+        else:
+            log.warning("%s; skipped", d.error)
+            skipped.append({"path": d.item.path, "reason": d.error})
+            unreadable += 1
+        bar.update(1)
         if status is not None:
-            status.progress(n, len(present), message=f"evaluating {path.name}")
+            status.progress(n, len(present), message=f"evaluating {d.item.file.name}")
     bar.close()
-    wall = time.perf_counter() - t_start
     if not evaluated:
         raise BpnetError(f"none of the test images under {images_dir} could be decoded")
+    timing = timer.summary()
 
     kpi = run_cocoeval(coco, coco_dets, evaluated)
-    n_eval = len(evaluated)
-    timing = {"network_s_per_image": net_s / n_eval, "decode_s_per_image": dec_s / n_eval,
-              "wall_s_per_image": wall / n_eval}
     print(format_table(kpi, timing), flush=True)
 
     results = Path(results_dir)
-    write_json_atomic(results / "detections.json", {
-        "pose_config_type": predictor.pose.name,
-        "categories": [spec_to_dict(c) for c in spec.categories],
-        "inference_spec": spec_to_dict(infer_spec),
-        "images": det_images,
-    })
-    write_json_atomic(results / "detections_coco_format.json", coco_dets)
-    with atomic_path(results / "results.csv") as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["metric", "value"])
-            for k, v in kpi.items():
-                w.writerow([k, f"{v:.6f}"])
-            for k, v in timing.items():
-                w.writerow([k, f"{v:.6f}"])
+    write_detections(results, predictor.pose, spec_doc(predictor, inference_spec_path),
+                     det_images, coco_dets, skipped,
+                     categories=[spec_to_dict(c) for c in spec.categories])
+    with atomic_path(results / "results.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["metric", "value"])
+        for k, v in kpi.items():
+            w.writerow([k, f"{v:.6f}"])
+        for k, v in timing.items():
+            w.writerow([k, f"{v:.2f}"])
     log.info("evaluated %d images (%d missing, %d unreadable): AP %.4f, AP50 %.4f, AR %.4f; "
-             "network %.1f ms, decoding %.1f ms per image", n_eval, len(missing), len(unreadable),
-             kpi["AP_0.50:0.95_all"], kpi["AP_0.5"], kpi["AR_0.50:0.95_all"],
-             1e3 * timing["network_s_per_image"], 1e3 * timing["decode_s_per_image"])
-    return {"kpi": kpi, "images_evaluated": n_eval, "images_missing": len(missing),
-            "images_unreadable": len(unreadable), "detections": len(coco_dets),
-            **{k: round(v, 6) for k, v in timing.items()}}
+             "median network %.1f ms, decoding %.1f ms per image", len(evaluated), len(missing),
+             unreadable, kpi["AP_0.50:0.95_all"], kpi["AP_0.5"], kpi["AR_0.50:0.95_all"],
+             timing["network_ms_median"], timing["decode_ms_median"])
+    return {"kpi": kpi, "images_evaluated": len(evaluated), "images_missing": len(missing),
+            "images_unreadable": unreadable, "detections": len(coco_dets), **timing}
