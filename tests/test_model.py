@@ -326,3 +326,27 @@ def test_model_builds_runs_and_trains_one_step_on_the_jax_backend(tmp_path):
     expected_lr = [8e-8, np.exp(np.log(8e-8) + 0.4 * (np.log(2e-5) - np.log(8e-8))), 2e-5,
                    np.exp(np.log(8e-8) + 0.5 * (np.log(2e-5) - np.log(8e-8))), 8e-8]
     assert res["lr"] == pytest.approx(expected_lr, rel=1e-5)
+
+
+@pytest.mark.parametrize("cls", ["BpNetLiteModel", "MobileNetThinModel"])
+def test_clone_with_regularizers_follows_the_spec_not_the_file(cls):
+    """A retrained (load_graph) model gets its train spec's regularization: same weights and
+    outputs, and a regularization loss of exactly factor x sum of squared kernels."""
+    from bpnet.model.weights import clone_with_regularizers
+    extra = ({"backbone_attributes": BackboneAttributes(architecture="mobilenet_v1")}
+             if cls == "MobileNetThinModel" else {})
+    plain = build_model(tiny(cls, kernel_regularization_factor=0.0, **extra), POSE5)
+    assert not plain.losses
+    x = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32)
+    factor = 1e-3
+    reg = clone_with_regularizers(plain, tiny(cls, kernel_regularization_factor=factor,
+                                              regularization_type="l2", **extra))
+    for a, b in zip(plain(x), reg(x)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    kernels = [w for w in reg.weights
+               if w.path.rsplit("/", 1)[-1] in ("kernel", "depthwise_kernel", "pointwise_kernel")]
+    expect = factor * sum(float(np.sum(np.asarray(w) ** 2)) for w in kernels)
+    got = float(sum(np.asarray(v) for v in reg.losses))
+    assert kernels and got == pytest.approx(expect, rel=1e-4)
+    back = clone_with_regularizers(reg, tiny(cls, kernel_regularization_factor=0.0, **extra))
+    assert not back.losses

@@ -10,6 +10,13 @@ from __future__ import annotations
 from bpnet.errors import BpnetError
 
 
+def regularizers(model_cfg):
+    """(kernel regularizer, bias regularizer) of a model section; None where the factor is 0."""
+    kind = model_cfg.regularization_type
+    return (_regularizer(kind, model_cfg.kernel_regularization_factor),
+            _regularizer(kind, model_cfg.bias_regularization_factor))
+
+
 def _regularizer(kind: str, factor: float):
     import keras
     if factor <= 0:
@@ -42,10 +49,6 @@ class ConvFactory:
     def __init__(self, model_cfg):
         self.cfg = model_cfg
         self.width = float(getattr(model_cfg, "width_multiplier", 1.0) or 1.0)
-        self.kernel_regularizer_args = (model_cfg.regularization_type,
-                                        model_cfg.kernel_regularization_factor)
-        self.bias_regularizer_args = (model_cfg.regularization_type,
-                                      model_cfg.bias_regularization_factor)
 
     def channels(self, n: int) -> int:
         """Width after the width multiplier (output layers are never scaled)."""
@@ -59,13 +62,14 @@ class ConvFactory:
         import keras
         from keras import layers
         f = self.channels(filters) if scale else filters
+        kernel_reg, bias_reg = regularizers(self.cfg)
         x = layers.Conv2D(
             f, kernel, strides=stride, padding="same", data_format="channels_last",
             use_bias=use_bias,
             kernel_initializer=kernel_initializer(self.cfg.kernel_initializer),
             bias_initializer=keras.initializers.Zeros(),
-            kernel_regularizer=_regularizer(*self.kernel_regularizer_args),
-            bias_regularizer=_regularizer(*self.bias_regularizer_args) if use_bias else None,
+            kernel_regularizer=kernel_reg,
+            bias_regularizer=bias_reg if use_bias else None,
             name=name, dtype=dtype)(x)
         if batch_norm:
             x = layers.BatchNormalization(axis=-1, name=f"{name}_bn")(x)

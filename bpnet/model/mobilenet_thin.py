@@ -62,12 +62,14 @@ def build_mobilenet_thin(model_cfg, pose, input_shape=(None, None, 3)):
     import keras
     from keras import layers
 
+    from .layers import kernel_initializer, regularizers
+
     mult = float(getattr(model_cfg, "width_multiplier", 1.0) or 1.0)
     stages = int(model_cfg.stages)
     heat_ch, paf_ch = pose.heat_channels, pose.paf_channels
 
-    reg = _regularizers(model_cfg)
-    init = _initializer(model_cfg)
+    reg = regularizers(model_cfg)
+    init = kernel_initializer(model_cfg.kernel_initializer)
 
     def sep(x, filters, kernel, name, stride=1, relu=True):
         # Outputs stay float32 under mixed precision: the loss sums their squares.
@@ -110,27 +112,3 @@ def build_mobilenet_thin(model_cfg, pose, input_shape=(None, None, 3)):
             stage_in = layers.Concatenate(axis=-1, name=f"stage{t + 1}_input")(
                 [outs["paf"], outs["heatmap"], features])
     return keras.Model(inputs, heat_outs + paf_outs, name="mobilenet_thin")
-
-
-def _regularizers(model_cfg):
-    from keras import regularizers
-    kind = getattr(model_cfg, "regularization_type", "l2")
-    kf = float(getattr(model_cfg, "kernel_regularization_factor", 0.0) or 0.0)
-    bf = float(getattr(model_cfg, "bias_regularization_factor", 0.0) or 0.0)
-
-    def make(f):
-        if f <= 0:
-            return None
-        if kind == "l1":
-            return regularizers.L1(f)
-        if kind == "l1_l2":
-            return regularizers.L1L2(l1=f, l2=f)
-        return regularizers.L2(f)
-    return make(kf), make(bf)
-
-
-def _initializer(model_cfg):
-    from keras import initializers
-    if getattr(model_cfg, "kernel_initializer", "random_normal") == "xavier":
-        return initializers.GlorotUniform()
-    return initializers.RandomNormal(stddev=0.01)

@@ -87,8 +87,6 @@ def clone_with_policy(model, policy: str):
     Layers the builder pinned to float32 (the outputs, whose squares the loss
     sums) stay float32 when switching to a mixed policy.
     """
-    import keras
-
     outputs = set(model.output_names)
     pinned = {layer.name for layer in walk_layers(model)
               if getattr(getattr(layer, "dtype_policy", None), "name", None) == "float32"
@@ -104,6 +102,37 @@ def clone_with_policy(model, policy: str):
             cfg = {**cfg, "dtype": {**dt, "config": {**dt.get("config", {}), "name": policy}}}
         return {**layer_cfg, "config": cfg}
 
+    return _clone(model, fix_layer)
+
+
+def clone_with_regularizers(model, model_cfg):
+    """A copy of a functional ``model`` regularized as the model section ``model_cfg`` says.
+
+    Every kernel (conv, depthwise and pointwise) gets the section's kernel
+    regularizer and every bias its bias regularizer, replacing what the file
+    carried: a retrained (pruned) graph follows its train spec, as TAO's retrain does.
+    """
+    import keras
+
+    from .layers import regularizers
+    kernel, bias = (keras.regularizers.serialize(r) if r is not None else None
+                    for r in regularizers(model_cfg))
+
+    def fix_layer(layer_cfg):
+        cfg = dict(layer_cfg.get("config", {}))
+        for key in ("kernel_regularizer", "depthwise_regularizer", "pointwise_regularizer"):
+            if key in cfg:
+                cfg[key] = kernel
+        if "bias_regularizer" in cfg:
+            cfg["bias_regularizer"] = bias if cfg.get("use_bias", True) else None
+        return {**layer_cfg, "config": cfg}
+
+    return _clone(model, fix_layer)
+
+
+def _clone(model, fix_layer):
+    """``model`` rebuilt from its config with ``fix_layer`` applied to each layer's, same weights."""
+    import keras
     config = model.get_config()
     config = {**config, "layers": [fix_layer(c) for c in config["layers"]]}
     clone = keras.Model.from_config(config)

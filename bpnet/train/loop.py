@@ -168,7 +168,7 @@ def make_eval_step(model, stage_losses, num_stages: int):
 
 def _load_graph(cfg: RunConfig):
     """(model, description) of the pretrained_weights file, trained whole (load_graph)."""
-    from ..model.weights import clone_with_policy, load_model_file
+    from ..model.weights import clone_with_policy, clone_with_regularizers, load_model_file
     from ..specs import spec_to_dict
     spec = cfg.spec
     if not spec.pretrained_weights:
@@ -185,6 +185,8 @@ def _load_graph(cfg: RunConfig):
                              "load_graph the whole model is kept, so they must agree")
     log.info("load_graph: training the whole model of %s (%d parameters)",
              spec.pretrained_weights, model.count_params())
+    # The spec's regularization, not the one saved in the file (TAO's retrain flow).
+    model = clone_with_regularizers(model, spec.model)
     if cfg.use_amp:
         model = clone_with_policy(model, "mixed_float16")
     # A loaded (pruned) graph is not the spec's model: keep its own description.
