@@ -226,6 +226,70 @@ def import_model_cmd(source, input_path, output_path, key, pose_config, results_
     run_task("import_model", results_dir, log_level, body, tensorflow=True)
 
 
+@main.command("export")
+@click.option("-m", "--model", "model_path", required=True, type=click.Path(),
+              help="The bpnet model file to export (.keras, plain or encrypted).")
+@click.option("-k", "--key", default=None, help="Key of an encrypted model.")
+@click.option("-o", "--output_file", default=None, type=click.Path(),
+              help="The ONNX file to write (default: the model's name with .onnx).")
+@click.option("-e", "--experiment_spec", default=None, type=click.Path(),
+              help="Train spec whose normalization overrides the one the model carries.")
+@click.option("--data_type", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
+              show_default=True, help="Precision of the ONNX file (and engine).")
+@click.option("--cal_image_dir", default=None, type=click.Path(),
+              help="INT8: folder of calibration pictures.")
+@click.option("--cal_data_file", default=None, type=click.Path(),
+              help="INT8: .npy of preprocessed calibration inputs (read; written when "
+                   "--cal_image_dir is given too).")
+@click.option("--cal_cache_file", default=None, type=click.Path(),
+              help="INT8: calibration ranges cache (reused when it exists, written when not).")
+@click.option("--cal_method", type=click.Choice(["minmax", "entropy", "percentile"]),
+              default=None, help="INT8 calibration method (default: minmax). bpnet extension.")
+@click.option("--batches", type=int, default=10, show_default=True,
+              help="INT8: calibration batches.")
+@click.option("--batch_size", type=int, default=1, show_default=True,
+              help="INT8: pictures per calibration batch.")
+@click.option("--max_batch_size", type=int, default=1, show_default=True,
+              help="Engine: largest batch of the optimization profile.")
+@click.option("--opt_batch_size", type=int, default=1, show_default=True,
+              help="Engine: batch size TensorRT optimizes for.")
+@click.option("--static_batch_size", type=int, default=-1, show_default=True,
+              help="Fixed batch size of the ONNX input (-1: dynamic).")
+@click.option("--max_workspace_size", type=int, default=None,
+              help="Engine: TensorRT workspace in bytes (default 1 GiB).")
+@click.option("--engine_file", default=None, type=click.Path(),
+              help="Also build a TensorRT engine here (needs TensorRT; else prints the "
+                   "trtexec command).")
+@click.option("-d", "--input_dims", default=None,
+              help="Fixed input H,W,C (e.g. 368,640,3); default: dynamic height and width.")
+@click.option("--sdk_compatible_model", is_flag=True,
+              help="For DeepStream's bodypose2d app: upsample the PAF output and write its "
+                   "config files (deployment only).")
+@click.option("-u", "--upsample_ratio", type=int, default=4, show_default=True,
+              help="PAF upsampling of --sdk_compatible_model.")
+@click.option("--data_format", type=click.Choice(["channels_last", "channels_first"]),
+              default="channels_last", show_default=True, help="Input layout (NHWC only).")
+@common_options(default_results="results/export")
+def export_cmd(model_path, key, output_file, experiment_spec, data_type, cal_image_dir,
+               cal_data_file, cal_cache_file, cal_method, batches, batch_size, max_batch_size,
+               opt_batch_size, static_batch_size, max_workspace_size, engine_file, input_dims,
+               sdk_compatible_model, upsample_ratio, data_format, results_dir, log_level):
+    """Export a model to ONNX (fp32/fp16/INT8), a TensorRT engine, DeepStream files."""
+    def body(status):
+        from .tasks.export import export
+        return export(model_path, output_file, key=key, experiment_spec=experiment_spec,
+                      data_type=data_type, cal_image_dir=cal_image_dir,
+                      cal_data_file=cal_data_file, cal_cache_file=cal_cache_file,
+                      cal_method=cal_method, batches=batches, batch_size=batch_size,
+                      max_batch_size=max_batch_size, opt_batch_size=opt_batch_size,
+                      static_batch_size=static_batch_size,
+                      max_workspace_size=max_workspace_size, engine_file=engine_file,
+                      input_dims=input_dims, sdk_compatible_model=sdk_compatible_model,
+                      upsample_ratio=upsample_ratio, data_format=data_format, status=status,
+                      progress=sys.stderr.isatty())
+    run_task("export", results_dir, log_level, body, tensorflow=True)
+
+
 @main.command("evaluate")
 @model_options
 @click.option("-d", "--dataset_spec", required=True, type=click.Path(),
@@ -266,6 +330,47 @@ def inference_cmd(inference_spec, model_filename, input_type, input_path, image_
                              max_frames=max_frames, status=status,
                              progress=sys.stderr.isatty())
     run_task("inference", results_dir, log_level, body, tensorflow=True)
+
+
+@main.command("prune")
+@click.option("-m", "--model", "model_path", required=True, type=click.Path(),
+              help="The bpnet model file to prune (.keras).")
+@click.option("-o", "--output_file", required=True, type=click.Path(),
+              help="The pruned model file to write (.keras); not the input.")
+@click.option("-k", "--key", default=None, help="Key of an encrypted model; the output is encrypted with it.")
+@click.option("-n", "--normalizer", type=click.Choice(["max", "L2"]), default="max", show_default=True,
+              help="Per-layer normalization of the filter norms.")
+@click.option("-eq", "--equalization_criterion", default="union", show_default=True,
+              type=click.Choice(["union", "intersection", "arithmetic_mean", "geometric_mean"]),
+              help="How layers meeting in an element-wise op (attention) combine their scores.")
+@click.option("-pg", "--pruning_granularity", type=int, default=8, show_default=True,
+              help="Filters are kept in multiples of this.")
+@click.option("-pth", "--pruning_threshold", type=float, default=0.1, show_default=True,
+              help="Filters whose normalized norm is below this are removed (0: none).")
+@click.option("-nf", "--min_num_filters", type=int, default=16, show_default=True,
+              help="Never fewer filters than this in a layer.")
+@click.option("-el", "--excluded_layers", multiple=True, metavar="LAYER...",
+              help="Layers that keep every filter (repeat -el, or list names after it, "
+                   "separated by spaces or commas).")
+@click.argument("more_excluded", nargs=-1, metavar="")
+@common_options(default_results="results/prune")
+def prune_cmd(model_path, output_file, key, normalizer, equalization_criterion,
+              pruning_granularity, pruning_threshold, min_num_filters, excluded_layers,
+              more_excluded, results_dir, log_level):
+    """Remove low-norm convolution filters: a smaller model to retrain with load_graph."""
+    if more_excluded and not excluded_layers:
+        _die("prune", f"unexpected argument {more_excluded[0]!r} (layer names go after -el)")
+    names = [n for v in (*excluded_layers, *more_excluded) for n in re.split(r"[\s,]+", v) if n]
+
+    def body(status):
+        from .model.prune import PruneOptions
+        from .tasks.prune import prune
+        options = PruneOptions(normalizer=normalizer, equalization_criterion=equalization_criterion,
+                               pruning_granularity=pruning_granularity,
+                               pruning_threshold=pruning_threshold,
+                               min_num_filters=min_num_filters, excluded_layers=tuple(names))
+        return prune(model_path, output_file, key=key, options=options, status=status)
+    run_task("prune", results_dir, log_level, body, tensorflow=True)
 
 
 @main.command("train")
