@@ -66,7 +66,8 @@ def _convert(tp, value, where: str, ctx: _Ctx, is_path: bool):
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
+        # An optional path written as "" (TAO's specs do) is unset, not the spec's folder.
+        if value is None or (is_path and isinstance(value, str) and not value.strip()):
             return None
         return _convert(args[0], value, where, ctx, is_path)
     if dataclasses.is_dataclass(tp):

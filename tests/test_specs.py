@@ -345,3 +345,14 @@ def test_model_classes_come_from_the_model_registry(tmp_path):
     d = _train_dict()
     d["model"]["__class_name__"] = "NoSuchModel"
     _fails(tmp_path, d, "model.__class_name__", *MODEL_CLASSES)
+
+
+def test_an_empty_optional_path_is_unset(tmp_path):
+    """``pretrained_weights: ""`` means none (not the spec's folder), so the checks that
+    need the path fire; a real relative path still resolves against the spec's folder."""
+    spec = tmp_path / "train.yaml"
+    spec.write_text(yaml.safe_dump({"checkpoint_dir": "", "pretrained_weights": " ",
+                                    "inference_spec": "infer.yaml"}))
+    loaded = load_train_spec(spec)
+    assert loaded.checkpoint_dir is None and loaded.pretrained_weights is None
+    assert loaded.inference_spec == str(tmp_path / "infer.yaml")
