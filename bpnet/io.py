@@ -109,6 +109,18 @@ class Status:
         self._write("FAILURE", message)
 
 
+
+def same_file(a, b) -> bool:
+    """Whether paths ``a`` and ``b`` name one file (through links too; by path when one is
+    missing): a command must never write its output over one of its inputs."""
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        try:
+            return os.path.samefile(a, b)
+        except OSError:
+            return False
+    return a.resolve() == b.resolve()
+
 def read_mapping(path) -> dict:
     """Read a YAML or JSON file into a dict, with clear errors."""
     path = Path(path)

@@ -13,11 +13,11 @@ needs neither TensorRT nor a GPU.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
 from ..errors import BpnetError
+from ..io import same_file
 
 log = logging.getLogger("bpnet.export")
 
@@ -32,11 +32,7 @@ def default_output(model_path) -> Path:
 def _check_output(out: Path, model_path: Path, what: str):
     if out.exists() and out.is_dir():
         raise BpnetError(f"{what} {out}: is a folder; give a file name (e.g. {out / 'model.onnx'})")
-    try:
-        same = out.exists() and os.path.samefile(out, model_path)
-    except OSError:
-        same = False
-    if same or out.resolve() == model_path.resolve():
+    if same_file(out, model_path):
         raise BpnetError(f"{what} {out}: is the model being exported; give another file name")
 
 

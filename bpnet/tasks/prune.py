@@ -8,22 +8,13 @@ The output is an ordinary bpnet model file with the input's meta (plus a
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from ..errors import BpnetError
+from ..io import same_file
 from ..model.meta import parse_meta
 
 log = logging.getLogger("bpnet.prune")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    if b.exists():
-        try:
-            return os.path.samefile(a, b)
-        except OSError:
-            return False
-    return a.resolve() == b.resolve()
 
 
 def prune(model_path, output_path, key: str | None = None, options=None, status=None) -> dict:
@@ -37,7 +28,7 @@ def prune(model_path, output_path, key: str | None = None, options=None, status=
     model_path, output_path = Path(model_path), Path(output_path)
     if not model_path.exists():
         raise BpnetError(f"model {model_path}: file not found")
-    if _same_file(model_path, output_path):
+    if same_file(model_path, output_path):
         raise BpnetError(f"the output {output_path} is the input model; choose another -o")
     if output_path.is_dir():
         raise BpnetError(f"the output {output_path} is a folder; give a file name (.keras)")
