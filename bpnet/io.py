@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .errors import SpecError
+from .errors import BpnetError, SpecError
 
 
 def _read_umask() -> int:
@@ -110,6 +110,14 @@ class Status:
 
 
 
+def check_not_input(output, inputs, what: str = "the output"):
+    """BpnetError if ``output`` is one of ``inputs`` ((name, path) pairs; None paths ignored)."""
+    for name, path in inputs:
+        if path is not None and same_file(output, path):
+            raise BpnetError(f"{what} {output} is {name}; a command never writes over its "
+                             "own input: choose another name")
+
+
 def same_file(a, b) -> bool:
     """Whether paths ``a`` and ``b`` name one file (through links too; by path when one is
     missing): a command must never write its output over one of its inputs."""
@@ -133,7 +141,9 @@ def read_mapping(path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError(f"{path}: cannot read ({e})") from e
     try:
-        if path.suffix.lower() == ".json":
+        if not text.strip():
+            data = None
+        elif path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
             import yaml
@@ -141,8 +151,113 @@ def read_mapping(path) -> dict:
     except Exception as e:  # yaml/json both have several error types
         raise SpecError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    if data is None:
-        data = {}
+    if data is None:  # an empty file (or only comments): never run on silent defaults
+        raise SpecError(f"{path}: the file is empty; write the keys it needs (an explicit {{}} "
+                        "means all defaults)")
     if not isinstance(data, dict):
         raise SpecError(f"{path}: the top level must be a mapping of keys to values")
     return data
+
+
+# ------------------------------------------------------------------ one run at a time
+
+LOCK_NAME = ".bpnet.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _read_lock(path: Path):
+    """(pid, host, task) of a lock file; pid 0 when it cannot be read."""
+    try:
+        doc = json.loads(path.read_text() or "{}")
+        return int(doc.get("pid", 0)), str(doc.get("host", "")), str(doc.get("task", ""))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0, "", ""
+
+
+class RunLock:
+    """A lock file that lets one run at a time use a folder or an output prefix.
+
+    Created atomically (O_CREAT | O_EXCL) and holding the owner's pid, host and
+    task. A lock whose owner is dead (same host, pid gone), or that is empty
+    (its writer died between creating and filling it), is taken over. Released
+    on ``release()`` (also from ``with``), which removes the file only while it
+    is still this process's. ``what``: how messages name the locked thing.
+    """
+
+    def __init__(self, path, what: str, task: str = ""):
+        self.path = Path(path)
+        self.what = what
+        self.task = task
+        self.held = False
+
+    def acquire(self):
+        import socket
+        host = socket.gethostname()
+        doc = json.dumps({"pid": os.getpid(), "host": host, "task": self.task,
+                          "started": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n"
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                pid, lhost, task = _read_lock(self.path)
+                if pid == os.getpid() and lhost == host:
+                    raise BpnetError(f"{self.what} is already locked by this run ({self.path}, "
+                                     f"for its {task or 'other'} lock): one folder cannot serve "
+                                     "two roles; use separate folders") from None
+                stale = pid == 0 and self._old_enough() or (lhost == host and pid
+                                                            and not _pid_alive(pid))
+                if not stale:
+                    who = f"pid {pid}" + (f" on {lhost}" if lhost and lhost != host else "")
+                    who += f" ({task})" if task else ""
+                    raise BpnetError(
+                        f"{self.what} is in use by another run: {who} holds the lock "
+                        f"{self.path}; wait for it to finish (or delete the lock file if that "
+                        "run is gone)") from None
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)  # a dead owner's lock: take it over
+                continue
+            except OSError as e:
+                raise BpnetError(f"cannot lock {self.what}: {e.strerror or e} "
+                                 f"({self.path})") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(doc)
+            self.held = True
+            return self
+        raise BpnetError(f"cannot lock {self.what}: the lock {self.path} keeps changing hands")
+
+    def _old_enough(self) -> bool:
+        """An unreadable lock counts as dead once it is a few seconds old (its writer had
+        time to fill it)."""
+        try:
+            return time.time() - self.path.stat().st_mtime > 5.0
+        except OSError:
+            return True
+
+    def release(self):
+        if not self.held:
+            return
+        self.held = False
+        pid, _, _ = _read_lock(self.path)
+        if pid == os.getpid():
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False

@@ -34,6 +34,13 @@ from ..errors import BpnetError
 from ..pose import KeypointMapping
 
 MAX_LISTED = 5  # problems quoted in one error message
+# Largest image side an annotation may give: JPEG's limit (65535), far above any camera's.
+MAX_IMAGE_SIDE = 65535
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+# Why annotations give no joints to any record (dataset_convert's summary), and why labeled
+# persons are not main persons (they stay in their image's records as other persons).
+DROP_RULES = ("other_category", "crowd", "no_keypoints", "in_images_without_main_person")
+NOT_MAIN_RULES = ("too_few_keypoints", "too_small", "too_close_to_a_main_person")
 
 
 @dataclasses.dataclass
@@ -122,12 +129,27 @@ def _is_num(x) -> bool:
 
 
 def _numbers(values) -> Optional[np.ndarray]:
-    """A flat list of numbers as float64, or None if it holds anything else."""
+    """A flat list of JSON numbers as float64, or None if it holds anything else
+    (strings such as "12.5", booleans, null, nested lists, integers beyond 64 bits)."""
     try:
-        arr = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
+        arr = np.asarray(values)
+    except (TypeError, ValueError, OverflowError):
         return None
-    return arr if arr.ndim == 1 else None
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iuf"):
+        return None
+    return arr.astype(np.float64)
+
+
+def _int64(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and INT64_MIN <= v <= INT64_MAX
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape
+        return False
+    return True
 
 
 def _check_segmentation(seg, h: int, w: int) -> Optional[str]:
@@ -156,9 +178,20 @@ def _check_segmentation(seg, h: int, w: int) -> Optional[str]:
 
 
 def parse_coco(doc: dict, source: str, category, visibility: Dict[int, int],
-               mapping: KeypointMapping, check_segmentation: bool = True) -> List[ImageEntry]:
-    """Validate a COCO keypoint document and group its persons by image."""
+               mapping: Optional[KeypointMapping], check_segmentation: bool = True,
+               stats: Optional[dict] = None, for_evaluation: bool = False) -> List[ImageEntry]:
+    """Validate a COCO keypoint document and group its persons by image.
+
+    THE ground-truth validator: dataset_convert and evaluate (and anything else
+    that reads ground truth) refuse the same files, naming the file and the
+    offending ids. ``mapping`` None: persons keep the dataset's keypoints
+    (validation only). ``stats``: filled with annotation counts per rule
+    (``DROP_RULES``' first three, "annotations", "persons").
+    ``for_evaluation``: also require what pycocotools' COCOeval reads from
+    ground truth (annotation ``id``, ``area``, ``num_keypoints``, ``keypoints``).
+    """
     num_kpts = len(category.keypoints)
+    counts = {"annotations": 0, "persons": 0, "other_category": 0, "crowd": 0, "no_keypoints": 0}
     probs = _Problems(source)
     for cat in doc.get("categories") or []:
         if isinstance(cat, dict) and cat.get("id") == category.id and isinstance(
@@ -178,10 +211,16 @@ def parse_coco(doc: dict, source: str, category, visibility: Dict[int, int],
         iid, fn, h, w = im.get("id"), im.get("file_name"), im.get("height"), im.get("width")
         if not isinstance(iid, int) or isinstance(iid, bool):
             probs.add(f"images[{i}] has no integer 'id'")
-        elif not isinstance(fn, str) or not fn:
-            probs.add(f"image id {iid} has no 'file_name'")
-        elif not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
-            probs.add(f"image id {iid} needs positive integer 'height' and 'width', got {h!r}, {w!r}")
+        elif not _int64(iid):
+            probs.add(f"images[{i}]: id {iid} does not fit a 64-bit signed integer (records and "
+                      "COCO tools hold no larger)")
+        elif not isinstance(fn, str) or not fn or not _utf8(fn):
+            probs.add(f"image id {iid} has no 'file_name' (or one that is not valid text)")
+        elif not (isinstance(h, int) and isinstance(w, int) and not isinstance(h, bool)
+                  and not isinstance(w, bool) and 0 < h <= MAX_IMAGE_SIDE
+                  and 0 < w <= MAX_IMAGE_SIDE):
+            probs.add(f"image id {iid} needs integer 'height' and 'width' in 1..{MAX_IMAGE_SIDE}, "
+                      f"got {h!r}, {w!r}")
         elif iid in images:
             probs.add(f"image id {iid} appears twice")
         else:
@@ -194,13 +233,26 @@ def parse_coco(doc: dict, source: str, category, visibility: Dict[int, int],
         if k >= 0:
             table[k] = v
     cands = []  # persons whose keypoints are checked and mapped together below
+    seen_ids: Dict[int, int] = {}
     for i, a in enumerate(doc["annotations"]):
         if not isinstance(a, dict):
             probs.add(f"annotations[{i}] is not an object")
             continue
+        counts["annotations"] += 1
         aid = a.get("id", f"#{i}")
         where = f"annotation id {aid}"
+        if "id" in a or for_evaluation:
+            if not _int64(a.get("id")):
+                probs.add(f"annotations[{i}]: 'id' must be an integer of at most 64 bits, got "
+                          f"{a.get('id')!r}")
+                continue
+            if aid in seen_ids:
+                probs.add(f"annotation id {aid} appears twice (annotations[{seen_ids[aid]}] and "
+                          f"annotations[{i}])")
+                continue
+            seen_ids[aid] = i
         if "category_id" in a and a["category_id"] != category.id:
+            counts["other_category"] += 1
             continue
         im = images.get(a.get("image_id"))
         if im is None:
@@ -224,7 +276,16 @@ def parse_coco(doc: dict, source: str, category, visibility: Dict[int, int],
             if err:
                 probs.add(f"{where}: {err}")
                 continue
+        if for_evaluation:
+            bad = [k for k in ("area", "num_keypoints") if not _is_num(a.get(k))]
+            if not isinstance(a.get("keypoints"), list):  # crowd regions too: COCOeval reads all
+                bad.append("keypoints")
+            if bad:
+                probs.add(f"{where}: needs {' and '.join(bad)} (COCO keypoint evaluation "
+                          "reads them)")
+                continue
         if crowd:
+            counts["crowd"] += 1
             im.crowd_segs.append(seg)
             continue
         kp = a.get("keypoints")
@@ -237,7 +298,8 @@ def parse_coco(doc: dict, source: str, category, visibility: Dict[int, int],
             continue
         flat = _numbers(kp)
         if flat is None:
-            probs.add(f"{where}: keypoints must be numbers")
+            bad = next((v for v in kp if not _is_num(v)), None)
+            probs.add(f"{where}: keypoints must be numbers, found {bad!r}")
             continue
         area = a.get("area")
         if area is None:
@@ -247,12 +309,15 @@ def parse_coco(doc: dict, source: str, category, visibility: Dict[int, int],
             continue
         cands.append((im, aid, flat, float(area), bb, seg))
     probs.raise_if_any("invalid annotations")
+    if stats is not None:
+        stats.update(counts)
     if not cands:
         return [images[i] for i in order]
 
     # Keypoints of all persons at once: per-annotation NumPy calls would dominate on COCO.
     kps = np.stack([c[2] for c in cands]).reshape(len(cands), num_kpts, 3)
-    finite = np.isfinite(kps).all(axis=(1, 2))
+    with np.errstate(over="ignore"):  # finite in float32 too: records hold float32
+        finite = np.isfinite(kps).all(axis=(1, 2)) & np.isfinite(kps.astype(np.float32)).all(axis=(1, 2))
     kps[~finite] = 0
     negative = (kps[:, :, :2] < 0).any(axis=(1, 2))
     vis = kps[:, :, 2]
@@ -260,7 +325,8 @@ def parse_coco(doc: dict, source: str, category, visibility: Dict[int, int],
     codes = table[np.where(vis_ok, vis, 0).astype(np.int64)]
     vis_ok = (vis_ok & (codes >= 0)).all(axis=1)
     kps[:, :, 2] = np.maximum(codes, 0)
-    joints = mapping.dataset_to_model(kps.astype(np.float32))
+    joints = (mapping.dataset_to_model(kps.astype(np.float32)) if mapping is not None
+              else kps.astype(np.float32))
     labeled = (kps[:, :, 2] > 0).sum(axis=1)
     for n, (im, aid, _, area, bb, seg) in enumerate(cands):
         where = f"annotation id {aid}"
@@ -272,38 +338,62 @@ def parse_coco(doc: dict, source: str, category, visibility: Dict[int, int],
             probs.add(f"{where}: visibility values {sorted(set(vis[n].tolist()))} are not all in "
                       f"the dataset spec's visibility_flags {sorted(visibility)}")
         elif labeled[n] == 0:
+            counts["no_keypoints"] += 1
             im.unlabeled_segs.append(seg)
         else:
+            counts["persons"] += 1
             im.persons.append(Person(aid, joints[n], int(labeled[n]), area, bb))
             im.labeled_segs.append(seg)
     probs.raise_if_any("invalid annotations")
+    if stats is not None:
+        stats.update(counts)
     return [images[i] for i in order]
 
 
-def select_main_persons(persons: Sequence[Person], params) -> List[int]:
-    """Indices of the main persons of one image (see the module docstring)."""
+def select_main_persons(persons: Sequence[Person], params,
+                        why_not: Optional[dict] = None) -> List[int]:
+    """Indices of the main persons of one image (see the module docstring).
+
+    ``why_not``: counts of the persons passed over, per rule (``NOT_MAIN_RULES``).
+    """
     min_area = params.min_acceptable_width * params.min_acceptable_height
     chosen: List[int] = []
     taken: List[tuple] = []  # (centre, max side) of chosen persons
+    why = why_not if why_not is not None else {}
     for i, p in enumerate(persons):
-        if p.num_labeled < params.min_acceptable_kpts or p.area < min_area:
+        if p.num_labeled < params.min_acceptable_kpts:
+            why["too_few_keypoints"] = why.get("too_few_keypoints", 0) + 1
+            continue
+        if p.area < min_area:
+            why["too_small"] = why.get("too_small", 0) + 1
             continue
         c = p.center
         if any(np.hypot(*(c - tc)) < params.min_acceptable_interperson_dist_ratio * ts
                for tc, ts in taken):
+            why["too_close_to_a_main_person"] = why.get("too_close_to_a_main_person", 0) + 1
             continue
         chosen.append(i)
         taken.append((c, max(p.bbox[2], p.bbox[3])))
     return chosen
 
 
-def make_samples(images: Sequence[ImageEntry], params, duplicate: bool) -> List[Sample]:
+def make_samples(images: Sequence[ImageEntry], params, duplicate: bool,
+                 stats: Optional[dict] = None) -> List[Sample]:
+    """The records' samples; ``stats`` gets "not_main_persons" (per rule), "main_persons"
+    and "in_images_without_main_person" (labeled persons of images that give no record)."""
     out: List[Sample] = []
+    why_not = {k: 0 for k in NOT_MAIN_RULES}
+    n_main = n_orphans = 0
     for im in images:
-        mains = select_main_persons(im.persons, params)
+        mains = select_main_persons(im.persons, params, why_not)
+        n_main += len(mains)
         if not mains:
+            n_orphans += len(im.persons)
             continue
         heads = mains if duplicate else mains[:1]
         for m in heads:
             out.append(Sample(im, [m] + [k for k in range(len(im.persons)) if k != m]))
+    if stats is not None:
+        stats.update(not_main_persons=why_not, main_persons=n_main,
+                     in_images_without_main_person=n_orphans)
     return out

@@ -35,6 +35,7 @@ import numpy as np
 from ..errors import BpnetError
 from ..model.meta import STRIDE
 from . import augment as aug
+from .images import decode_image, file_problem
 from .labels import render_labels
 from .records import first_record, split_files
 
@@ -147,6 +148,8 @@ class SampleProcessor:
         try:
             with open(path, "rb") as fh:
                 return np.frombuffer(fh.read(), np.uint8)
+        except IsADirectoryError:
+            raise BpnetError(f"the {what} {path} is a folder, not an image file") from None
         except OSError as e:
             raise BpnetError(f"cannot read the {what} {path}: {e.strerror or e}") from None
 
@@ -200,11 +203,13 @@ class SampleProcessor:
         import cv2
         if not path:
             return None
-        mask = cv2.imdecode(self._read(path, "mask"), cv2.IMREAD_GRAYSCALE)
-        if mask is None:
-            raise BpnetError(f"cannot decode the mask {path}")
-        if mask.shape != (height, width):
-            mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+        mask, problem = decode_image(self._read(path, "mask"), cv2.IMREAD_GRAYSCALE)
+        if problem:
+            raise BpnetError(f"cannot use the mask {path}: {problem}")
+        if mask.shape != (height, width):  # another image's mask: never stretched to fit
+            raise BpnetError(f"the mask {path} is {mask.shape[1]}x{mask.shape[0]} but its record's "
+                             f"image is {width}x{height}; run bpnet dataset_convert "
+                             "--generate_masks again")
         return mask
 
     def __call__(self, dataset: str, image_path: str, mask_path: str, height: int, width: int,
@@ -219,9 +224,9 @@ class SampleProcessor:
         flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
                 8: cv2.IMREAD_REDUCED_COLOR_8}[factor]
         path = _resolve(self.roots, self.fallback, dataset, image_path)
-        image = cv2.imdecode(self._read(path, "image"), flag)
-        if image is None:
-            raise BpnetError(f"cannot decode the image {path}")
+        image, problem = decode_image(self._read(path, "image"), flag)
+        if problem:
+            raise BpnetError(f"cannot use the image {path}: {problem}")
         if factor == 1:
             if image.shape[:2] != (height, width):
                 raise BpnetError(f"{path}: image is {image.shape[1]}x{image.shape[0]} but its record "
@@ -266,6 +271,14 @@ def build_dataset(spec, split: str = "train", seed: int | None = None, repeat: b
     dl = spec.dataloader
     pose = dl.pose_config.load()
     files = split_files(dl.dataset_config, split)
+    if not any(os.path.getsize(f) for f in files):  # else tf.data ends at once, unexplained
+        shown = ", ".join(files[:3]) + (f" (and {len(files) - 3} more)" if len(files) > 3 else "")
+        raise BpnetError(f"the {split} record files are empty (0 records): {shown}; run bpnet "
+                         "dataset_convert again")
+    empty = [f for f in files if not os.path.getsize(f)]
+    if empty:
+        log.warning("%d of the %d %s record files are empty (e.g. %s); the others are read",
+                    len(empty), len(files), split, empty[0])
     roots, fallback = dataset_roots(spec)
     _check_files(files, pose, roots, fallback)
     train = split == "train"
@@ -305,7 +318,12 @@ def build_dataset(spec, split: str = "train", seed: int | None = None, repeat: b
         joined = tf.strings.join([table.lookup(dataset), rel], separator="/")
         return tf.where(tf.strings.regex_full_match(rel, "/.*"), rel, joined)
 
-    def py_plan(height, width, centers, scales, s):
+    def py_plan(path, height, width, centers, scales, s):
+        # An empty or cut-off image fails here, named, not later as "Invalid JPEG data".
+        problem = file_problem(path.decode())
+        if problem:
+            raise BpnetError(f"{path.decode()}: {problem} (a record points at it; fix or "
+                             "remove the image and run bpnet dataset_convert again)")
         t, window, factor = proc.plan(int(height), int(width), centers, scales, int(s) & 0xFFFFFFFFFFFFFFFF)
         m = np.concatenate([t.matrix.reshape(-1), [t.flip_lr, t.flip_tb]]).astype(np.float64)
         return m, np.asarray(window, np.int32), np.int32({1: 0, 2: 1, 4: 2, 8: 3}[factor])
@@ -335,13 +353,14 @@ def build_dataset(spec, split: str = "train", seed: int | None = None, repeat: b
 
     def load(serialized, s):
         f = parse_record(serialized)
+        image_path = resolve(f["image_path"], f["dataset"])
         m, window, branch = tf.numpy_function(
-            py_plan, [f["height"], f["width"], f["centers"], f["scales"], s],
+            py_plan, [image_path, f["height"], f["width"], f["centers"], f["scales"], s],
             [tf.float64, tf.int32, tf.int32], stateful=False)
         window.set_shape([4])
         branch.set_shape([])
         # Non-JPEG files ignore the downscale branch: the window is then the whole image.
-        image = decode(tf.io.read_file(resolve(f["image_path"], f["dataset"])), window, branch)
+        image = decode(tf.io.read_file(image_path), window, branch)
         mask_path = tf.where(f["mask_path"] == "", f["mask_path"], resolve(f["mask_path"], f["dataset"]))
         img, heat, paf, mask = tf.numpy_function(
             py_finish, [image, window, m, mask_path, f["height"], f["width"], f["joints"]],

@@ -48,6 +48,8 @@ BYTES_FEATURES = ("image_path", "mask_path", "dataset", "pose_config")
 FLOAT_FEATURES = ("joints", "scales", "centers")
 
 _FILE_RE = re.compile(r"-fold-(\d{3,})-of-(\d{3,})(-shard-(\d{5,})-of-(\d{5,}))?$")
+_SHARD_RE = re.compile(r"-shard-(\d{5,})-of-(\d{5,})$")
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 # ------------------------------------------------------------------ names
@@ -78,9 +80,16 @@ def record_files(prefix_or_paths: str | Path | Sequence[str | Path]) -> list[str
         if p.is_file():
             out.append(str(p))
             continue
+        if p.is_dir():
+            raise BpnetError(f"{item} is a folder; give a record file or prefix (e.g. "
+                             f"{record_filename(p / 'train')})")
         parent = p.parent if str(p.parent) else Path(".")
         found = sorted(str(f) for f in parent.glob(p.name + "-fold-*")
                        if f.is_file() and _FILE_RE.match(f.name[len(p.name):]))
+        if not found and _FILE_RE.search(p.name) and not _FILE_RE.search(p.name).group(3):
+            # A fold's name (TAO's specs list "train-fold-000-of-001") when it was sharded.
+            found = sorted(str(f) for f in parent.glob(p.name + "-shard-*")
+                           if f.is_file() and _SHARD_RE.match(f.name[len(p.name):]))
         if not found:
             raise BpnetError(f"no TFRecord files found for {item} (expected {item} itself or "
                              f"{record_filename(item)}-like files; run bpnet dataset_convert first)")
@@ -124,7 +133,8 @@ def first_record(path, pose=None):
     """The first record of a record file, decoded; None when the file is empty.
 
     With ``pose`` (a PoseConfig), also checks that the records were written
-    for it: the same joint count and, when the records name one, the same name.
+    for it: the same joint count and, when the records name one, the same topology
+    (PoseConfig.matches_record: bpnet's and TAO's spellings of one config agree).
     """
     try:
         data = next(iter_tfrecord(path), None)
@@ -137,7 +147,7 @@ def first_record(path, pose=None):
     except Exception as e:  # noqa: BLE001  (any parse failure: not our record file)
         raise BpnetError(f"{path}: not a bpnet record file ({type(e).__name__}: {e})") from None
     if pose is not None and (rec["num_joints"] != pose.num_joints
-                             or (rec["pose_config"] and rec["pose_config"] != pose.name)):
+                             or not pose.matches_record(rec["pose_config"])):
         raise BpnetError(
             f"{path}: records are for pose config {rec['pose_config']!r} with {rec['num_joints']} "
             f"joints, but the train spec's pose config is {pose.name!r} with {pose.num_joints} "
@@ -199,7 +209,11 @@ def serialize_record(rec: dict) -> bytes:
     labeled extent (for callers that have no boxes). num_joints and
     num_persons are derived from joints.
     """
-    joints = np.asarray(rec["joints"], dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values: refused below
+        return _serialize(rec, np.asarray(rec["joints"], dtype=np.float32))
+
+
+def _serialize(rec: dict, joints: np.ndarray) -> bytes:
     if joints.ndim != 3 or joints.shape[2] != 3:
         raise ValueError(f"joints must be [P, J, 3], got shape {joints.shape}")
     p, j, _ = joints.shape
@@ -213,6 +227,7 @@ def serialize_record(rec: dict) -> bytes:
     centers = np.asarray(centers, dtype=np.float32).reshape(-1, 2)
     if len(scales) != p or len(centers) != p:
         raise ValueError(f"{p} persons but {len(scales)} scales and {len(centers)} centers")
+    check_record_values(rec, joints, scales, centers)
     feats = {
         "image_id": _int_feature([rec["image_id"]]),
         "height": _int_feature([rec["height"]]),
@@ -230,6 +245,33 @@ def serialize_record(rec: dict) -> bytes:
     entries = b"".join(_len_field(1, _len_field(1, k.encode()) + _len_field(2, v))
                        for k, v in feats.items())
     return _len_field(1, entries)  # Example.features
+
+
+def check_record_values(rec: dict, joints, scales, centers):
+    """BpnetError unless every value can be read back as written: int64 integers,
+    finite float32 numbers, UTF-8 text, at least one joint (``decode_record`` and
+    TensorFlow's parser read the same)."""
+    where = f"record of image id {rec.get('image_id')!r}"
+    for k in ("image_id", "height", "width"):
+        v = rec.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise BpnetError(f"{where}: {k} must be an integer, got {v!r}")
+        if not INT64_MIN <= int(v) <= INT64_MAX:
+            raise BpnetError(f"{where}: {k} {v} does not fit a 64-bit signed integer, the "
+                             "largest a record holds")
+    if joints.shape[1] < 1:
+        raise BpnetError(f"{where}: joints must have at least one joint per person")
+    for name, arr in (("joints", joints), ("scales", scales), ("centers", centers)):
+        if not np.isfinite(arr).all():
+            raise BpnetError(f"{where}: {name} has NaN or infinite values (or values beyond "
+                             "float32's range)")
+    for k in ("image_path", "mask_path", "dataset", "pose_config"):
+        v = rec.get(k)
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BpnetError(f"{where}: {k} {v!r} is not valid Unicode text") from None
 
 
 def _extent(joints: np.ndarray):

@@ -434,6 +434,9 @@ def make_split(out_dir, split: str, num_images: int, image_size=(256, 256), seed
             "crowd_regions": sum(1 for a in anns if a["iscrowd"])}
 
 
+MAX_SAMPLE_SIDE = 4096  # pixels; bpnet.specs.MAX_INPUT_SIDE bounds network inputs alike
+
+
 def make_sample_dataset(out_dir, num_train: int = 200, num_val: int = 40,
                         image_size: Tuple[int, int] = (256, 256), seed: int = 0) -> Dict[str, object]:
     """Write the synthetic sample dataset and its dataset spec; return a summary.
@@ -446,6 +449,15 @@ def make_sample_dataset(out_dir, num_train: int = 200, num_val: int = 40,
     out = Path(out_dir)
     if min(image_size) < 32:
         raise BpnetError(f"image_size {tuple(image_size)} is too small; use at least 32x32")
+    if max(image_size) > MAX_SAMPLE_SIDE:
+        raise BpnetError(f"image_size {tuple(image_size)} exceeds the bound {MAX_SAMPLE_SIDE} "
+                         "per side (sample pictures that large take minutes each and teach nothing "
+                         "more)")
+    for split in ("train", "val"):  # never write over a dataset that make_sample_data did not make
+        ann = out / "annotations" / f"person_keypoints_{split}.json"
+        if ann.exists() and not (out / "sample_spec.json").exists():
+            raise BpnetError(f"{out} already holds {ann} that make_sample_data did not write; "
+                             "choose an empty folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -106,16 +106,17 @@ def read_image(path) -> np.ndarray:
         data = np.fromfile(str(path), dtype=np.uint8)  # also for non-ASCII names
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
-    except (IsADirectoryError, PermissionError, OSError) as e:
+    except IsADirectoryError:
+        raise ImageReadError(f"{path}: is a folder, not an image file") from None
+    except (PermissionError, OSError) as e:
         raise ImageReadError(f"{path}: cannot read ({e.strerror or e})") from None
     if data.size == 0:
         raise ImageReadError(f"{path}: empty file")
-    try:
-        img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    except cv2.error as e:  # e.g. over OpenCV's pixel limit
-        raise ImageReadError(f"{path}: cannot decode ({str(e).strip().splitlines()[-1]})") from None
-    if img is None:
-        raise ImageReadError(f"{path}: not a readable image (corrupt or unsupported format)")
+    # Truncated files and JPEGs the decoder only warned about count as corrupt.
+    from ..data.images import decode_image
+    img, problem = decode_image(data, cv2.IMREAD_UNCHANGED)
+    if problem:
+        raise ImageReadError(f"{path}: not a readable image ({problem})")
     return to_bgr8(img, str(path))
 
 

@@ -41,9 +41,15 @@ def load_model_file(path, key, what: str):
 
     ``what`` names the file's role in messages ("pretrained_weights", "checkpoint").
     """
-    p = Path(path)
+    from ..tao_files import resolve_model_path, tao_model_problem
+    p = Path(resolve_model_path(path))
+    problem = tao_model_problem(p, what)
+    if problem:
+        raise BpnetError(problem)
     if not p.exists():
         raise BpnetError(f"{what} {p}: file not found")
+    if p.is_dir():
+        raise BpnetError(f"{what} {p}: is a folder; give the model file (.keras)")
     from . import io as mio
     try:
         return mio.load_model(str(p), key=key)

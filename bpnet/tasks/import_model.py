@@ -26,6 +26,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from ..errors import BpnetError
+from ..io import check_not_input
 from ..model.meta import make_meta
 
 log = logging.getLogger("bpnet.import_model")
@@ -46,6 +47,8 @@ def read_graph_def(path):
     """Parse a frozen GraphDef file with TensorFlow's protobuf classes."""
     import tensorflow as tf
     path = Path(path)
+    if path.is_dir():
+        raise BpnetError(f"{path}: is a folder; give the frozen graph file (.pb) with -i")
     if not path.is_file():
         raise BpnetError(f"{path}: file not found (give the frozen graph .pb with -i)")
     graph_def = tf.compat.v1.GraphDef()
@@ -220,9 +223,14 @@ def import_model(source: str, input_path, output_path, key: Optional[str] = None
 
     if source not in SOURCES:
         raise BpnetError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
+    output_path = Path(output_path)
+    # Before any work: the output never replaces an input (-i, --pose_config).
+    check_not_input(output_path, [("the input graph (-i)", input_path),
+                                  ("the pose config (--pose_config)", pose_config_path)], "-o")
+    if output_path.is_dir():
+        raise BpnetError(f"-o {output_path}: is a folder; give a file name (.keras)")
     pose = load_pose_config(pose_config_path) if pose_config_path else None
     model, meta = import_tfpose(input_path, pose)
-    output_path = Path(output_path)
     save_model(model, output_path, meta, key=key)
     n_params = int(sum(np.prod(v.shape) for v in model.weights))
     return {"output": str(output_path), "parameters": n_params,
