@@ -20,7 +20,7 @@ import click
 from . import __version__
 from .errors import BpnetError
 
-LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]  # TAO's, in any case
 log = logging.getLogger("bpnet")
 
 
@@ -41,13 +41,31 @@ def run_task(name: str, results_dir, log_level: str, body, tensorflow: bool = Fa
     C++ start-up notices unless the log level is DEBUG.
     """
     _setup_logging(log_level)
-    from .io import Status
+    from .io import LOCK_NAME, RunLock, Status
     results = Path(results_dir)
+    if results.exists() and not results.is_dir():
+        _die(name, f"results dir {results} is a file; give a folder")
+    # One run at a time per results dir, taken before status.json is touched:
+    # a second run never overwrites the first one's status or outputs.
+    lock = RunLock(results / LOCK_NAME, f"results dir {results}", name)
     try:
         results.mkdir(parents=True, exist_ok=True)
-        status = Status(results, name)
+        lock.acquire()
     except OSError as e:
         _die(name, f"cannot write to results dir {results}: {e.strerror or e}")
+    except BpnetError as e:
+        _die(name, str(e))
+    try:
+        try:
+            status = Status(results, name)
+        except OSError as e:
+            _die(name, f"cannot write to results dir {results}: {e.strerror or e}")
+        return _run_body(name, status, log_level, body, tensorflow)
+    finally:
+        lock.release()
+
+
+def _run_body(name, status, log_level, body, tensorflow):
     try:
         if tensorflow and log_level != "DEBUG":
             from ._tfquiet import import_tensorflow_quietly
@@ -122,13 +140,39 @@ def common_options(default_results=None):
 
 
 def model_options(f):
-    """-i (inference spec), -m (model file) and -k (key) of the tasks that run a model."""
+    """-i (inference spec), -m (model file), -k (key), --runtime of the tasks that run a model."""
+    f = click.option("--runtime", default=None,
+                     type=click.Choice(["auto", "keras", "onnxruntime", "openvino", "tensorrt"],
+                                       case_sensitive=False),
+                     help="What runs the network (overrides the spec's runtime; default auto: the "
+                          "fastest installed for the model file). openvino needs "
+                          "pip install \"bpnet[openvino]\".")(f)
     f = click.option("-k", "--key", default=None, help="Key of an encrypted model.")(f)
     f = click.option("-m", "--model_filename", default=None, type=click.Path(),
+                     callback=model_file_option,
                      help="Model file (Keras or ONNX); overrides the spec's model_path.")(f)
-    f = click.option("-i", "--inference_spec", required=True, type=click.Path(),
+    f = click.option("-i", "--inference_spec", default=default_inference_spec, type=click.Path(),
+                     show_default="bpnet's infer_default.yaml, TAO's default values",
                      help="Inference spec (YAML/JSON), e.g. specs/infer_spec.yaml.")(f)
     return f
+
+
+def model_file_option(ctx, param, value):
+    """A model file option: TAO's names of bpnet files (bpnet_model.hdf5) resolved, TAO's
+    own model files (.tlt, Keras 2 HDF5) refused with what to use instead."""
+    if value is None:
+        return value
+    from .tao_files import resolve_model_path, tao_model_problem
+    path = resolve_model_path(value)
+    problem = tao_model_problem(path, "-m")
+    if problem:
+        _die(ctx.info_name, problem)
+    return path
+
+
+def default_inference_spec() -> str:
+    """TAO's default -i is its default inference spec; bpnet ships one with the same values."""
+    return str(Path(__file__).resolve().parent / "configs" / "infer_default.yaml")
 
 
 class _OneLineErrors(click.Group):
@@ -228,6 +272,7 @@ def import_model_cmd(source, input_path, output_path, key, pose_config, results_
 
 @main.command("export")
 @click.option("-m", "--model", "model_path", required=True, type=click.Path(),
+              callback=model_file_option,
               help="The bpnet model file to export (.keras, plain or encrypted).")
 @click.option("-k", "--key", default=None, help="Key of an encrypted model.")
 @click.option("-o", "--output_file", default=None, type=click.Path(),
@@ -244,7 +289,10 @@ def import_model_cmd(source, input_path, output_path, key, pose_config, results_
 @click.option("--cal_cache_file", default=None, type=click.Path(),
               help="INT8: calibration ranges cache (reused when it exists, written when not).")
 @click.option("--cal_method", type=click.Choice(["minmax", "entropy", "percentile"]),
-              default=None, help="INT8 calibration method (default: minmax). bpnet extension.")
+              default=None, help="INT8 calibration method (default: percentile). bpnet extension.")
+@click.option("--int8_scope", type=click.Choice(["all", "backbone"]), default="all",
+              show_default=True, help="INT8: quantize everything, or only the backbone (the "
+              "stages stay float; for networks whose stages lose accuracy). bpnet extension.")
 @click.option("--batches", type=int, default=10, show_default=True,
               help="INT8: calibration batches.")
 @click.option("--batch_size", type=int, default=1, show_default=True,
@@ -269,18 +317,37 @@ def import_model_cmd(source, input_path, output_path, key, pose_config, results_
               help="PAF upsampling of --sdk_compatible_model.")
 @click.option("--data_format", type=click.Choice(["channels_last", "channels_first"]),
               default="channels_last", show_default=True, help="Input layout (NHWC only).")
+@click.option("-t", "--backend", type=click.Choice(["onnx", "tfonnx"]), default="onnx",
+              show_default=True, help="TAO's ONNX exporter choice; bpnet writes the same ONNX "
+                                      "file for both.")
+@click.option("--force_ptq", is_flag=True, help="TAO's option for QAT models; bpnet's INT8 is "
+                                                "always post-training (accepted, warned).")
+@click.option("-s", "--strict_type_constraints", is_flag=True,
+              help="TAO's TensorRT option (accepted, warned: bpnet's engines keep TensorRT's "
+                   "default precision rules).")
+@click.option("-v", "--verbose", is_flag=True, help="TAO's option: same as -ll DEBUG.")
 @common_options(default_results="results/export")
 def export_cmd(model_path, key, output_file, experiment_spec, data_type, cal_image_dir,
-               cal_data_file, cal_cache_file, cal_method, batches, batch_size, max_batch_size,
+               cal_data_file, cal_cache_file, cal_method, int8_scope, batches, batch_size,
+               max_batch_size,
                opt_batch_size, static_batch_size, max_workspace_size, engine_file, input_dims,
-               sdk_compatible_model, upsample_ratio, data_format, results_dir, log_level):
+               sdk_compatible_model, upsample_ratio, data_format, backend, force_ptq,
+               strict_type_constraints, verbose, results_dir, log_level):
     """Export a model to ONNX (fp32/fp16/INT8), a TensorRT engine, DeepStream files."""
+    if verbose:
+        log_level = "DEBUG"
+
     def body(status):
+        for flag, given in (("--force_ptq", force_ptq),
+                            ("-s/--strict_type_constraints", strict_type_constraints)):
+            if given:
+                log.warning("%s: TAO's option, accepted but not honoured by bpnet", flag)
         from .tasks.export import export
         return export(model_path, output_file, key=key, experiment_spec=experiment_spec,
                       data_type=data_type, cal_image_dir=cal_image_dir,
                       cal_data_file=cal_data_file, cal_cache_file=cal_cache_file,
-                      cal_method=cal_method, batches=batches, batch_size=batch_size,
+                      cal_method=cal_method, int8_scope=int8_scope, batches=batches,
+                      batch_size=batch_size,
                       max_batch_size=max_batch_size, opt_batch_size=opt_batch_size,
                       static_batch_size=static_batch_size,
                       max_workspace_size=max_workspace_size, engine_file=engine_file,
@@ -294,19 +361,23 @@ def export_cmd(model_path, key, output_file, experiment_spec, data_type, cal_ima
 @model_options
 @click.option("-d", "--dataset_spec", required=True, type=click.Path(),
               help="Dataset spec whose test_data is evaluated.")
-@common_options()
-def evaluate_cmd(inference_spec, model_filename, dataset_spec, key, results_dir, log_level):
+@click.option("--dataset", type=click.Choice(["coco"]), default="coco", show_default=True,
+              help="Dataset format (TAO's option; COCO keypoints is the one format).")
+@common_options(default_results="results/evaluate")
+def evaluate_cmd(dataset, inference_spec, model_filename, dataset_spec, key, runtime, results_dir,
+                 log_level):
     """COCO keypoint AP/AR of a model on a dataset spec's test_data."""
     def body(status):
         from .tasks.evaluate import evaluate
         return evaluate(inference_spec, dataset_spec, results_dir, model_path=model_filename,
-                        key=key, status=status)
+                        key=key, status=status, runtime=runtime)
     run_task("evaluate", results_dir, log_level, body, tensorflow=True)
 
 
 @main.command("inference")
 @model_options
-@click.option("--input_type", type=click.Choice(["image", "dir", "json", "video"]), required=True,
+@click.option("--input_type", type=click.Choice(["image", "dir", "json", "video"]), default="image",
+              show_default=True,
               help="image: one file; dir: a folder of images; json: a list of paths or COCO-style "
                    "images[].file_name; video: a video file or a webcam index (e.g. 0).")
 @click.option("--input", "input_path", required=True, help="The image, folder, JSON file, video or webcam index.")
@@ -320,12 +391,12 @@ def evaluate_cmd(inference_spec, model_filename, dataset_spec, key, results_dir,
               help="Video: stop after this many frames (0: all; a webcam runs until Ctrl-C).")
 @common_options(default_results="results/inference")
 def inference_cmd(inference_spec, model_filename, input_type, input_path, image_root_path, key,
-                  dump_visualizations, batch_size, max_frames, results_dir, log_level):
+                  runtime, dump_visualizations, batch_size, max_frames, results_dir, log_level):
     """Find people in images, a folder, a list, a video or a webcam."""
     def body(status):
         from .tasks.inference import run_inference
         return run_inference(inference_spec, model_filename, input_type, input_path, results_dir,
-                             image_root_path=image_root_path, key=key,
+                             image_root_path=image_root_path, key=key, runtime=runtime,
                              dump_visualizations=dump_visualizations, batch_size=batch_size,
                              max_frames=max_frames, status=status,
                              progress=sys.stderr.isatty())
@@ -334,7 +405,7 @@ def inference_cmd(inference_spec, model_filename, input_type, input_path, image_
 
 @main.command("prune")
 @click.option("-m", "--model", "model_path", required=True, type=click.Path(),
-              help="The bpnet model file to prune (.keras).")
+              callback=model_file_option, help="The bpnet model file to prune (.keras).")
 @click.option("-o", "--output_file", required=True, type=click.Path(),
               help="The pruned model file to write (.keras); not the input.")
 @click.option("-k", "--key", default=None, help="Key of an encrypted model; the output is encrypted with it.")
@@ -378,15 +449,42 @@ def prune_cmd(model_path, output_file, key, normalizer, equalization_criterion,
               help="Train spec (YAML/JSON), e.g. specs/bpnet_train_sample.yaml.")
 @click.option("-r", "--results_dir", default=None, type=click.Path(file_okay=False),
               help="Checkpoints, logs and the final model (overrides the spec's checkpoint_dir).")
-@click.option("-k", "--key", default=None, help="Encrypt saved model files (and read encrypted ones) with this key.")
+@click.option("-k", "--key", default=None,
+              help="Key of encrypted input models (pretrained_weights, checkpoints), as in TAO; "
+                   "with --encrypt also the key the run's files are written with.")
+@click.option("--encrypt", is_flag=True,
+              help="Encrypt every model file the run writes with -k's key (bpnet extension; "
+                   "TAO 5 writes plain files whatever -k says).")
 @click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
               help="Data-parallel replicas on this machine (without GPUs: logical CPU devices).")
+@click.option("--gpu_index", multiple=True, metavar="I[,J...]",
+              help="Which GPUs to use (TAO's option): indices separated by commas, or the option "
+                   "repeated; sets CUDA_VISIBLE_DEVICES for this run.")
+@click.option("-np", "--num_processes", type=int, default=-1, show_default=True,
+              help="TAO's process count (-1: one per GPU). bpnet drives all of this machine's "
+                   "GPUs from one process (TF_CONFIG for several machines), so any value runs "
+                   "the same.")
 @click.option("--use_amp", is_flag=True, help="Mixed precision (float16 compute, dynamic loss scaling).")
+@click.option("--log_file", default=None, type=click.Path(dir_okay=False),
+              help="Also write the log to this file (TAO's option).")
+@click.option("--max_steps", type=click.IntRange(min=1), default=None,
+              help="Stop after this many steps and save the final model: a quick check of a "
+                   "spec end to end (bpnet extension; the learning-rate schedule still spans "
+                   "the whole run).")
 @click.option("-ll", "--log_level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
               show_default=True, callback=lambda c, p, v: v.upper(), help="Logging verbosity.")
-def train_cmd(experiment_spec_file, results_dir, key, gpus, use_amp, log_level):
+def train_cmd(experiment_spec_file, results_dir, key, encrypt, gpus, gpu_index, num_processes,
+              use_amp, log_file, max_steps, log_level):
     """Train a model; re-running the same command resumes from the last checkpoint."""
     from .train import status_dir_for
+    indices = [i for v in gpu_index for i in re.split(r"[\s,]+", v) if i]
+    if indices:
+        if not all(i.isdigit() for i in indices):
+            _die("train", f"--gpu_index: expected GPU indices such as 0,1, got {' '.join(gpu_index)}")
+        if len(indices) < gpus:
+            _die("train", f"--gpus {gpus} but --gpu_index names {len(indices)} GPU(s): "
+                          f"{','.join(indices)}")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(indices)
     spec = None
     try:
         if results_dir is None:  # status.json goes to the spec's checkpoint_dir: read it now
@@ -398,9 +496,39 @@ def train_cmd(experiment_spec_file, results_dir, key, gpus, use_amp, log_level):
 
     def body(status):
         from .train import train
-        return train(experiment_spec_file, out_dir, key=key, gpus=gpus, use_amp=use_amp,
-                     status=status, spec=spec).as_status()
+        if num_processes not in (-1, 1, gpus):
+            log.warning("-np/--num_processes %d: not honoured; bpnet runs one process that "
+                        "drives the %d replica(s) of --gpus", num_processes, gpus)
+        with _log_to_file(log_file):
+            return train(experiment_spec_file, out_dir, key=key, gpus=gpus, use_amp=use_amp,
+                         status=status, spec=spec, max_steps=max_steps,
+                         encrypt=encrypt).as_status()
     run_task("train", status_dir, log_level, body, tensorflow=True)
+
+
+class _log_to_file:
+    """Copy the log into ``path`` (TAO's --log_file) while a task body runs."""
+
+    def __init__(self, path):
+        self.path, self.handler = path, None
+
+    def __enter__(self):
+        if self.path:
+            try:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                self.handler = logging.FileHandler(self.path)
+            except OSError as e:
+                raise BpnetError(f"--log_file {self.path}: cannot write ({e.strerror or e})") from e
+            self.handler.setFormatter(logging.Formatter(
+                "%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
+            logging.getLogger().addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.handler is not None:
+            logging.getLogger().removeHandler(self.handler)
+            self.handler.close()
+        return False
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,12 +10,24 @@ the midpoint of the shoulders), and is labeled only when both are labeled.
 Flip pairs come from ``flip_pairs`` when given, else from names: every
 ``left_*`` joint pairs with its ``right_*`` twin.
 
+TAO's own format loads too: ``{"pose_config_type": NAME, "categories":
+[{"name": "person", "num_joints", "keypoints", "skeleton",
+"skeleton_edge_names", ...}]}``. TAO declares no synthetic joint: a model
+joint named ``neck`` that a dataset lacks is the midpoint of the
+``left_shoulder`` and ``right_shoulder`` (only when both are labeled), and
+bpnet reads TAO's file the same way. Both formats of one topology are the
+same topology: records and models carry the topology's identity
+(``PoseConfig.record_tag``), not the file's spelling of the name.
+
 Plain NumPy: no TensorFlow import here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -96,6 +108,32 @@ class PoseConfig:
             "no_start_limbs": [k + 1 for k in self.no_start_limbs],
         }
 
+    @property
+    def topology_id(self) -> str:
+        """A short hash of the joint names and limbs in order: what labels and outputs depend on."""
+        text = json.dumps([list(self.keypoints), [list(e) for e in self.skeleton]])
+        return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+
+    @property
+    def record_tag(self) -> str:
+        """What records name their pose config by: ``name@topology_id``."""
+        return f"{self.name}@{self.topology_id}"
+
+    def matches_record(self, tag: str) -> bool:
+        """Whether records tagged ``tag`` were written for this topology.
+
+        A ``name@id`` tag compares the topology; an older tag with the name
+        alone compares names, where bpnet's and TAO's names of the shipped
+        18-joint config count as one.
+        """
+        if not tag:
+            return True
+        if "@" in tag:
+            return tag.rsplit("@", 1)[1] == self.topology_id
+        if tag == self.name:
+            return True
+        return tag in SHIPPED_18_NAMES and self.topology_id == shipped_18_topology_id()
+
     def dataset_mapping(self, dataset_keypoints: Sequence[str]) -> "KeypointMapping":
         """How to build this config's joints from a dataset's keypoints."""
         return KeypointMapping.build(self, dataset_keypoints)
@@ -112,12 +150,97 @@ def _derive_flip_pairs(names: Sequence[str]) -> List[Tuple[int, int]]:
     return pairs
 
 
+# bpnet's and TAO's names of the 18-joint config bpnet ships (bpnet/configs).
+SHIPPED_18_NAMES = ("bpnet_18joints", "bpnet_18_joints")
+TAO_CATEGORY_KEYS = {"supercategory", "id", "name", "num_joints", "keypoints", "skeleton",
+                     "skeleton_edge_names"}
+# bpnet's keys that may sit beside TAO's at the top level of a TAO-format file.
+BPNET_EXTRA_KEYS = ("synthetic_joints", "flip_pairs", "no_start_limbs")
+# TAO's implicit rule: the neck is the midpoint of the shoulders.
+TAO_NECK = ("neck", ("left_shoulder", "right_shoulder"))
+
+
+def edge_names_mismatch(keypoints, skeleton, edge_names) -> Optional[str]:
+    """Why TAO's ``skeleton_edge_names`` disagree with the 1-based ``skeleton``, or None."""
+    if len(edge_names) != len(skeleton):
+        return f"lists {len(edge_names)} limbs but skeleton has {len(skeleton)}"
+    for i, (pair, names) in enumerate(zip(skeleton, edge_names)):
+        if not isinstance(names, (list, tuple)) or len(names) != 2 \
+                or not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            return f"[{i}] must be a pair of joint names, got {names!r}"
+        for n in names:
+            if n not in keypoints:
+                return f"[{i}]: {n!r} is not one of the keypoints"
+        ids = [list(keypoints).index(n) + 1 for n in names]
+        if ids != list(pair):
+            return (f"[{i}] = {list(names)} is limb {ids} but skeleton[{i}] is {list(pair)}; "
+                    "the two lists must name the same limbs in the same order")
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def shipped_18_topology_id() -> str:
+    path = Path(__file__).resolve().parent / "configs" / "bpnet_18joints.json"
+    return load_pose_config(path).topology_id
+
+
+def is_tao_format(d) -> bool:
+    return isinstance(d, dict) and ("pose_config_type" in d or "categories" in d)
+
+
+def _from_tao_format(d: dict, source: str) -> dict:
+    """TAO's pose-config layout -> bpnet's (the same joints, limbs and name)."""
+    def fail(msg):
+        raise BpnetError(f"{source}: {msg}")
+
+    allowed = {"pose_config_type", "categories", *BPNET_EXTRA_KEYS}
+    for k in d:
+        if k not in allowed:
+            import difflib
+            near = difflib.get_close_matches(k, sorted(allowed), n=1)
+            fail(f"unknown key {k!r} of TAO's pose-config format"
+                 + (f" (did you mean {near[0]!r}?)" if near else ""))
+    cats = d.get("categories")
+    if not isinstance(cats, list) or not cats or not all(isinstance(c, dict) for c in cats):
+        fail("'categories' must list the person category (TAO's format)")
+    people = [c for c in cats if c.get("name") == "person"]
+    if not people:
+        fail("'categories' has no category named 'person' (TAO reads that one)")
+    cat = people[0]
+    for k in cat:
+        if k not in TAO_CATEGORY_KEYS:
+            import difflib
+            near = difflib.get_close_matches(k, sorted(TAO_CATEGORY_KEYS), n=1)
+            fail(f"categories[person]: unknown key {k!r}"
+                 + (f" (did you mean {near[0]!r}?)" if near else ""))
+    out = {"name": str(d.get("pose_config_type") or Path(source).stem)}
+    for k in ("keypoints", "skeleton", "num_joints"):
+        if k in cat:
+            out[k] = cat[k]
+    names = cat.get("keypoints")
+    edge_names = cat.get("skeleton_edge_names")
+    if edge_names is not None and isinstance(names, list) and isinstance(cat.get("skeleton"), list):
+        if not isinstance(edge_names, list):
+            fail("categories[person].skeleton_edge_names must be a list of joint-name pairs")
+        msg = edge_names_mismatch(names, cat["skeleton"], edge_names)
+        if msg:
+            fail(f"categories[person].skeleton_edge_names {msg}")
+    for k in BPNET_EXTRA_KEYS:
+        if k in d:
+            out[k] = d[k]
+    if "synthetic_joints" not in out and isinstance(names, list) and TAO_NECK[0] in names:
+        out["synthetic_joints"] = {TAO_NECK[0]: list(TAO_NECK[1])}
+    return out
+
+
 def pose_config_from_dict(d: dict, source: str = "<dict>") -> PoseConfig:
     def fail(msg):
         raise BpnetError(f"{source}: {msg}")
 
     if not isinstance(d, dict):
         fail("a pose config must be a mapping")
+    if is_tao_format(d):
+        d = _from_tao_format(d, source)
     allowed = {"name", "keypoints", "skeleton", "synthetic_joints", "flip_pairs",
                "no_start_limbs", "num_joints"}
     for k in d:

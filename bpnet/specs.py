@@ -8,13 +8,16 @@ the spec file that names them.
 
 TAO's ``__class_name__`` keys are accepted: where a section has variants
 (model, loss, learning-rate schedule) they select one; elsewhere they are
-checked against the section's own class name.
+checked against the section's own class name. Every key of TAO's schema is
+accepted; one that bpnet cannot honour (``tao_field``) gets one warning
+naming it when set to anything but TAO's default (docs/tao_compat.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import typing
@@ -35,6 +38,33 @@ def path_field(default=None, **kw):
 
 def choice_field(default, choices, **kw):
     return field(default=default, metadata={"choices": tuple(choices), **kw})
+
+
+log = logging.getLogger("bpnet.specs")
+
+
+def tao_field(default, ignored_unless, why: str, **kw):
+    """A key of TAO's spec schema that bpnet accepts but cannot honour.
+
+    ``ignored_unless(value)`` is true for the values that change nothing
+    (TAO's defaults); any other value gets one warning naming the key and
+    ``why``, never a refusal.
+    """
+    if callable(default):
+        return field(default_factory=default,
+                     metadata={"tao_unhonoured": (ignored_unless, why), **kw})
+    return field(default=default, metadata={"tao_unhonoured": (ignored_unless, why), **kw})
+
+
+_WARNED: set = set()
+
+
+def _warn_once(source: str, kpath: str, why: str):
+    if (source, kpath) in _WARNED:
+        return
+    _WARNED.add((source, kpath))
+    log.warning("%s: %s: accepted for TAO compatibility but not honoured by bpnet: %s",
+                source, kpath, why)
 
 
 # ----------------------------------------------------------------- building
@@ -149,6 +179,9 @@ def _build(cls, data: dict, where: str, ctx: _Ctx):
         if choices is not None and conv not in choices:
             ctx.fail(kpath, f"{conv!r} is not allowed; choose one of "
                      f"{', '.join('null' if c is None else repr(c) for c in choices)}")
+        unhonoured = f.metadata.get("tao_unhonoured")
+        if unhonoured is not None and not unhonoured[0](conv):
+            _warn_once(ctx.source, kpath, unhonoured[1])
         kwargs[key] = conv
     obj = cls(**kwargs)
     check = getattr(obj, "check", None)
@@ -183,6 +216,16 @@ def spec_to_dict(obj) -> dict:
     return out
 
 
+# Largest network input side (pixels) a spec may ask for: 4096, as for inference inputs
+# (bpnet.infer.preprocess.MAX_NETWORK_SIDE); a 100000-pixel input would run for minutes.
+MAX_INPUT_SIDE = 4096
+
+
+def _too_large(values, bound: int, what: str = "sides"):
+    return [] if max(values, default=0) <= bound else [
+        f"{what} {list(values)} exceed the bound {bound}"]
+
+
 def _positive(obj, names):
     return [(n, f"must be > 0, got {getattr(obj, n)}") for n in names if getattr(obj, n) <= 0]
 
@@ -204,13 +247,24 @@ class DatasetCategory:
     num_joints: int = 17
     keypoints: List[str] = field(default_factory=list)
     skeleton: List[List[int]] = field(default_factory=list)
+    # TAO's key: the skeleton's limbs by joint name; checked against skeleton.
+    skeleton_edge_names: Optional[List[List[str]]] = None
 
     def check(self):
         if not self.keypoints:
             return [("keypoints", "list the dataset's keypoint names in annotation order")]
         if self.num_joints != len(self.keypoints):
             return [("num_joints", f"is {self.num_joints} but {len(self.keypoints)} keypoints are listed")]
+        if self.skeleton_edge_names is not None:
+            msg = edge_names_mismatch(self.keypoints, self.skeleton, self.skeleton_edge_names)
+            if msg:
+                return [("skeleton_edge_names", msg)]
         return []
+
+
+def edge_names_mismatch(keypoints, skeleton, edge_names):
+    from .pose import edge_names_mismatch as check
+    return check(keypoints, skeleton, edge_names)
 
 
 @dataclass
@@ -319,7 +373,8 @@ class PoseConfigRef:
     def check(self):
         if len(self.target_shape) != 2 or min(self.target_shape) <= 0:
             return [("target_shape", f"must be [height, width] > 0, got {self.target_shape}")]
-        return []
+        return [("target_shape", m) for m in _too_large(
+            self.target_shape, MAX_INPUT_SIDE // STRIDE, "label map sides")]
 
     def load(self):
         from .pose import load_pose_config
@@ -334,6 +389,8 @@ class ImageDims:
 
     def check(self):
         out = _positive(self, ["height", "width"])
+        out += [("height", m) for m in _too_large([self.height, self.width], MAX_INPUT_SIDE,
+                                                   "height and width")]
         if self.channels not in (1, 3):
             out.append(("channels", f"must be 1 or 3, got {self.channels}"))
         return out
@@ -369,8 +426,13 @@ class NormalizationParams:
         for n in ("image_scale", "image_offset"):
             if len(getattr(self, n)) != 3:
                 out.append((n, "needs 3 values (R, G, B)"))
-        if any(s == 0 for s in self.image_scale + self.mask_scale):
+        if any(s == 0 for s in self.image_scale):
             out.append(("image_scale", "scales must be non-zero"))
+        for n in ("mask_scale", "mask_offset"):
+            if len(getattr(self, n)) < 1:
+                out.append((n, "needs one value"))
+        if any(s == 0 for s in self.mask_scale):
+            out.append(("mask_scale", "must be non-zero"))
         return out
 
 
@@ -427,6 +489,9 @@ class AugmentationConfig:
     spatial_augmentation_mode: str = choice_field("person_centric", AUGMENTATION_MODES)
     spatial_aug_params: SpatialAugParams = field(default_factory=SpatialAugParams)
     identity_spatial_aug_params: Optional[Dict[str, Any]] = None
+    # TAO's key; TAO builds no colour augmentation from it either.
+    color_aug_params: Optional[Dict[str, Any]] = tao_field(
+        None, lambda v: not v, "bpnet has no colour augmentation (TAO's is empty too)")
 
 
 @dataclass
@@ -468,6 +533,13 @@ class BackboneAttributes:
     nlayers: int = 19
     mtype: str = "default"
     use_bias: bool = False
+    # TAO's keys. TAO adds the 128-channel reduction conv whatever this says,
+    # and so does bpnet; use_batch_norm is read by TAO's helnet/resnet only.
+    add_final_c128_conv: Optional[bool] = tao_field(
+        None, lambda v: v is None or v,
+        "the 128-channel reduction conv is always added (as TAO does, whatever the value)")
+    use_batch_norm: Optional[bool] = tao_field(
+        None, lambda v: v is None or v, "bpnet's backbones always use batch normalization")
 
     def check(self):
         if self.architecture == "vgg" and self.nlayers != 19:
@@ -490,6 +562,11 @@ class ModelConfig:
     kernel_regularization_factor: float = 5e-4
     bias_regularization_factor: float = 0.0
     kernel_initializer: str = choice_field("random_normal", ["random_normal", "xavier"])
+    # TAO's lite-model keys: per-stage kernel sizes (null: TAO's fixed ones, as bpnet builds).
+    stage1_kernel_sizes: Optional[List[Any]] = tao_field(
+        None, lambda v: v is None, "bpnet builds TAO's default kernel sizes for every stage")
+    stageT_kernel_sizes: Optional[List[Any]] = tao_field(
+        None, lambda v: v is None, "bpnet builds TAO's default kernel sizes for every stage")
     # bpnet extension: scales every convolution's width (1.0 = TAO's model);
     # small values make the tiny models used by tests and smoke runs.
     width_multiplier: float = 1.0
@@ -508,6 +585,8 @@ class ModelConfig:
 
 @dataclass
 class FocalLossParams:
+    # TAO's switch: true selects the focal variant even under BpNetLoss.
+    use_focal_loss: bool = False
     alpha: float = 0.1
     beta: float = 0.02
     bkg_thresh: float = 0.01
@@ -518,10 +597,22 @@ class FocalLossParams:
 class LossConfig:
     CLASS_NAMES = ("BpNetLoss", "BpNetFocalLoss")
     class_name: str = "BpNetLoss"
-    focal_loss_params: FocalLossParams = field(default_factory=FocalLossParams)
+    focal_loss_params: Optional[FocalLossParams] = field(default_factory=FocalLossParams)
+
+    def __post_init__(self):
+        if self.focal_loss_params is None:  # TAO's null: the plain loss
+            self.focal_loss_params = FocalLossParams()
+
+    @property
+    def use_focal(self) -> bool:
+        return self.class_name == "BpNetFocalLoss" or self.focal_loss_params.use_focal_loss
 
 
-LR_SCHEDULES = ("SoftstartAnnealingLearningRateSchedule", "ExponentialDecayLearningRateSchedule")
+# TAO's class names: BpNetExponentialDecayLRSchedule counts decay in epochs
+# (decay_epochs), its parent ExponentialDecayLearningRateSchedule in steps
+# (decay_steps; bpnet's older files give decay_epochs there, still honoured).
+LR_SCHEDULES = ("SoftstartAnnealingLearningRateSchedule", "ExponentialDecayLearningRateSchedule",
+                "BpNetExponentialDecayLRSchedule", "ConstantLearningRateSchedule")
 
 
 @dataclass
@@ -538,10 +629,20 @@ class LearningRateSchedule:
     decay_epochs: float = 1.0
     decay_rate: float = 0.95
     staircase: bool = False
+    # TAO's decay in steps (ExponentialDecayLearningRateSchedule); for
+    # BpNetExponentialDecayLRSchedule TAO recomputes it from decay_epochs.
+    decay_steps: Optional[int] = None
+    # TAO's key: the last step of the schedule. TAO's trainer overwrites it
+    # with num_epoch x steps per epoch; bpnet spans the run the same way.
+    last_step: Optional[int] = tao_field(
+        None, lambda v: v is None,
+        "the schedule spans the run (num_epoch x steps per epoch), as TAO's trainer sets it")
 
     def check(self):
         out = _positive(self, ["base_learning_rate", "min_learning_rate", "learning_rate",
                                "decay_epochs", "decay_rate"])
+        if self.decay_steps is not None and self.decay_steps <= 0:
+            out.append(("decay_steps", f"must be > 0, got {self.decay_steps}"))
         if not 0.0 <= self.soft_start < self.annealing <= 1.0:
             out.append(("soft_start", f"need 0 <= soft_start < annealing <= 1, got "
                         f"{self.soft_start} and {self.annealing}"))
@@ -557,12 +658,19 @@ class OptimizerConfig:
     momentum: float = 0.9
     use_nesterov: bool = False
     learning_rate_schedule: LearningRateSchedule = field(default_factory=LearningRateSchedule)
+    # TAO's per-variable gradient weights: {variable name: weight}, over the
+    # stagewise multipliers (TAO's trainer drops this dict; bpnet honours it),
+    # and the weight of every variable that has none (TAO's meaning).
+    grad_weights_dict: Optional[Dict[str, float]] = None
+    weight_default_value: float = 1.0
     # TAO's base learning rate is for one GPU; scale it by the replica count.
     scale_learning_rate_by_replicas: bool = True
 
     def check(self):
         if not 0.0 <= self.momentum < 1.0:
             return [("momentum", f"must be in [0, 1), got {self.momentum}")]
+        if self.weight_default_value < 0:
+            return [("weight_default_value", f"must be >= 0, got {self.weight_default_value}")]
         return []
 
 
@@ -589,6 +697,10 @@ class TrainSpec:
     final_model_name: str = "bpnet_model"
     log_every_n_secs: int = 30
     summary_every_n_steps: int = 20
+    # TAO's key (0: off, TAO's shipped value).
+    infrequent_summary_every_n_steps: int = tao_field(
+        0, lambda v: v == 0, "bpnet writes no infrequent (image) summaries; scalars follow "
+        "summary_every_n_steps")
     infer_every_n_epoch: Optional[int] = None
     validation_every_n_epoch: int = 1
     max_ckpt_to_keep: int = 5
@@ -608,7 +720,12 @@ class TrainSpec:
                         f"num_epoch {self.num_epoch}"))
         dims = self.dataloader.image_config.image_dims
         th, tw = self.dataloader.pose_config.target_shape
-        if (th * STRIDE, tw * STRIDE) != (dims.height, dims.width):
+        if dims.height % STRIDE or dims.width % STRIDE:
+            fit = [max(STRIDE, round(v / STRIDE) * STRIDE) for v in (dims.height, dims.width)]
+            out.append(("dataloader.image_config.image_dims",
+                        f"{[dims.height, dims.width]} must be multiples of the stride {STRIDE} "
+                        f"(e.g. {fit}, with target_shape {[v // STRIDE for v in fit]})"))
+        elif (th * STRIDE, tw * STRIDE) != (dims.height, dims.width):
             out.append(("dataloader.pose_config.target_shape",
                         f"{[th, tw]} x stride {STRIDE} = {[th * STRIDE, tw * STRIDE]} "
                         f"does not match image_dims {[dims.height, dims.width]}; use "
@@ -703,6 +820,8 @@ class InferenceSpec:
     scales: List[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
     # bpnet extensions
     flip_test: bool = False  # also run the mirrored image and average maps
+    # What runs the network (bpnet.infer.runners.RUNTIMES); --runtime overrides it.
+    runtime: str = choice_field("auto", ["auto", "keras", "onnxruntime", "openvino", "tensorrt"])
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
     @staticmethod
@@ -741,6 +860,13 @@ class InferenceSpec:
         out = []
         if len(self.input_shape) != 2 or min(self.input_shape) < 8:
             out.append(("input_shape", f"must be [height, width] >= 8, got {self.input_shape}"))
+        else:
+            out += [("input_shape", m) for m in _too_large(self.input_shape, MAX_INPUT_SIDE)]
+            if not out and self.multi_scale_inference and self.scales and \
+                    max(self.scales) * max(self.input_shape) > MAX_INPUT_SIDE:
+                out.append(("scales", f"{max(self.scales)} x input_shape {self.input_shape} "
+                            f"= {max(self.scales) * max(self.input_shape):g} pixels exceeds "
+                            f"the bound {MAX_INPUT_SIDE}"))
         if self.output_stage_to_use is not None and self.output_stage_to_use < 1:
             out.append(("output_stage_to_use", "is 1-based (1 = first stage) or null for the last"))
         if not self.scales or min(self.scales) <= 0:

@@ -120,3 +120,56 @@ def test_pose_config_errors(tmp_path):
                                        synthetic_joints={"mid": ["left_c", "right_c"]}), "cfg.json")
     with pytest.raises(BpnetError, match="needs dataset keypoints"):
         synth.dataset_mapping(["left_b", "right_b", "left_c"])
+
+
+# ------------------------------------------------------------------ TAO's pose-config format
+
+def _tao_format(pose):
+    """bpnet's config written in TAO's layout (what TAO's bpnet_18joints.json looks like)."""
+    names = list(pose.keypoints)
+    return {"pose_config_type": "bpnet_18_joints", "categories": [{
+        "supercategory": "person", "id": 1, "name": "person", "num_joints": len(names),
+        "keypoints": names, "skeleton": [[a + 1, b + 1] for a, b in pose.skeleton],
+        "skeleton_edge_names": [[names[a], names[b]] for a, b in pose.skeleton]}]}
+
+
+def test_tao_format_is_the_same_topology(pose18):
+    tao = pose_config_from_dict(_tao_format(pose18), "tao.json")
+    assert tao.name == "bpnet_18_joints" and pose18.name == "bpnet_18joints"
+    assert (tao.keypoints, tao.skeleton, tao.flip_pairs, tao.no_start_limbs) == \
+        (pose18.keypoints, pose18.skeleton, pose18.flip_pairs, pose18.no_start_limbs)
+    # TAO declares no synthetic joint: its neck is the shoulders' midpoint, as bpnet's file says.
+    assert tao.synthetic_joints == pose18.synthetic_joints
+    kps = np.zeros((1, 17, 3), np.float32)
+    kps[0, 5] = [10, 20, 2]  # left shoulder
+    kps[0, 6] = [30, 40, 1]  # right shoulder
+    a = tao.dataset_mapping(COCO17).dataset_to_model(kps)
+    b = pose18.dataset_mapping(COCO17).dataset_to_model(kps)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a[0, 1], [20, 30, 1])
+
+
+def test_records_match_by_topology_not_spelling(pose18):
+    tao = pose_config_from_dict(_tao_format(pose18), "tao.json")
+    assert tao.topology_id == pose18.topology_id
+    assert tao.record_tag != pose18.record_tag
+    assert tao.matches_record(pose18.record_tag) and pose18.matches_record(tao.record_tag)
+    # Records written before tags carried the topology name the config alone.
+    assert tao.matches_record("bpnet_18joints") and pose18.matches_record("bpnet_18_joints")
+    five = pose_config_from_dict({"name": "five", "keypoints": ["a", "b", "c", "d", "e"],
+                                  "skeleton": [[1, 2], [2, 3], [3, 4], [4, 5]]})
+    assert not five.matches_record(pose18.record_tag)
+    assert not five.matches_record("bpnet_18joints") and not pose18.matches_record("five")
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda c: c["skeleton_edge_names"].__setitem__(0, ["neck", "left_hip"]), "skeleton_edge_names"),
+    (lambda c: c["skeleton_edge_names"].pop(), "lists 18 limbs"),
+    (lambda c: c.__setitem__("keypoint", c.pop("keypoints")), "did you mean 'keypoints'"),
+    (lambda c: c.__setitem__("name", "dog"), "no category named 'person'"),
+])
+def test_tao_format_errors(pose18, change, needle):
+    d = _tao_format(pose18)
+    change(d["categories"][0])
+    with pytest.raises(BpnetError, match=needle):
+        pose_config_from_dict(d, "tao.json")

@@ -356,3 +356,97 @@ def test_an_empty_optional_path_is_unset(tmp_path):
     loaded = load_train_spec(spec)
     assert loaded.checkpoint_dir is None and loaded.pretrained_weights is None
     assert loaded.inference_spec == str(tmp_path / "infer.yaml")
+
+
+# ------------------------------------------------------------------ TAO's keys
+
+@pytest.mark.parametrize("name", ["bpnet_train_m1_coco.yaml", "bpnet_retrain_m1_coco.yaml",
+                                  "coco_spec.json", "bpnet_18joints.json"])
+def test_tao_shipped_train_dataset_and_pose_files_load(name):
+    """TAO's own files, unchanged (their /workspace paths are only resolved, not read here)."""
+    path = need(SHARED / "data" / "tao_specs" / name)
+    if name.endswith("yaml"):
+        spec = load_train_spec(path)
+        assert spec.optimizer.grad_weights_dict is None and spec.loss.class_name == "BpNetLoss"
+    elif name == "coco_spec.json":
+        assert load_dataset_spec(path).category.skeleton_edge_names[0] == ["left_ankle", "left_knee"]
+    else:
+        assert load_pose_config(path).name == "bpnet_18_joints"
+
+
+def _tao_keys(d):
+    """TAO's schema keys at TAO's values (as TAO's own experiment specs write them)."""
+    d["infrequent_summary_every_n_steps"] = 0
+    d["model"]["backbone_attributes"]["add_final_c128_conv"] = True
+    d["model"]["stage1_kernel_sizes"] = None
+    d["optimizer"]["learning_rate_schedule"]["last_step"] = None
+    d["optimizer"]["grad_weights_dict"] = None
+    d["optimizer"]["weight_default_value"] = 1.0
+    d["loss"] = {"__class_name__": "BpNetLoss", "focal_loss_params": {
+        "use_focal_loss": False, "alpha": 0.1, "beta": 0.02, "bkg_thresh": 0.01, "gamma": 1}}
+    d["dataloader"]["augmentation_config"]["color_aug_params"] = {}
+    return d
+
+
+def test_tao_keys_at_tao_values_load_silently(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="bpnet"):
+        spec = load_train_spec(_write(tmp_path, _tao_keys(_train_dict())))
+    assert not caplog.records, caplog.text
+    assert not spec.loss.use_focal and spec.optimizer.weight_default_value == 1.0
+
+
+@pytest.mark.parametrize("path, value", [
+    ("infrequent_summary_every_n_steps", 100),
+    ("model.backbone_attributes.add_final_c128_conv", False),
+    ("model.stageT_kernel_sizes", [[7, 7]]),
+    ("optimizer.learning_rate_schedule.last_step", 1000),
+    ("dataloader.augmentation_config.color_aug_params", {"hue_rotation_max": 25.0}),
+])
+def test_tao_keys_bpnet_cannot_honour_get_one_warning(tmp_path, caplog, path, value):
+    d = _tao_keys(_train_dict())
+    *parents, key = path.split(".")
+    node = d
+    for p in parents:
+        node = node[p]
+    node[key] = value
+    spec_file = _write(tmp_path, d)
+    with caplog.at_level("WARNING", logger="bpnet"):
+        load_train_spec(spec_file)
+        load_train_spec(spec_file)  # loaded twice, warned once
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and path in warned[0] and "not honoured" in warned[0], warned
+
+
+def test_tao_focal_switch_and_schedule_class_names(tmp_path):
+    from bpnet.model.loss import BpNetLoss
+    from bpnet.model.schedules import make_schedule
+    d = _tao_keys(_train_dict())
+    d["loss"]["focal_loss_params"]["use_focal_loss"] = True
+    d["optimizer"]["learning_rate_schedule"] = {
+        "__class_name__": "BpNetExponentialDecayLRSchedule", "learning_rate": 2e-5,
+        "decay_epochs": 17, "decay_rate": 0.333, "min_learning_rate": 8.18938e-08,
+        "staircase": True}
+    spec = load_train_spec(_write(tmp_path, d))
+    assert spec.loss.use_focal and BpNetLoss.from_config(spec.loss, 3).focal is not None
+    sched = make_schedule(spec.optimizer.learning_rate_schedule, total_steps=1000,
+                          steps_per_epoch=10)
+    assert float(sched(169)) == pytest.approx(2e-5) and float(sched(170)) == pytest.approx(2e-5 * 0.333)
+    d["loss"]["focal_loss_params"] = None  # TAO's null: the plain loss
+    d["optimizer"]["learning_rate_schedule"] = {
+        "__class_name__": "ExponentialDecayLearningRateSchedule", "learning_rate": 1e-3,
+        "decay_steps": 5, "decay_rate": 0.5, "staircase": True}
+    spec = load_train_spec(_write(tmp_path, d))
+    assert BpNetLoss.from_config(spec.loss, 3).focal is None
+    sched = make_schedule(spec.optimizer.learning_rate_schedule, 1000, 10)
+    assert float(sched(5)) == pytest.approx(5e-4)
+
+
+def test_tao_dataset_spec_edge_names_must_match_the_skeleton(tmp_path):
+    d = json.loads((REPO / "data_pose_config" / "coco_spec.json").read_text())
+    cat = d["categories"][0]
+    names = cat["keypoints"]
+    cat["skeleton_edge_names"] = [[names[a - 1], names[b - 1]] for a, b in cat["skeleton"]]
+    assert load_dataset_spec(_write(tmp_path, d, "ok.json")).category.skeleton_edge_names
+    cat["skeleton_edge_names"][3] = ["nose", "left_eye"]
+    _fails(tmp_path, d, "categories[0].skeleton_edge_names", "[3]", loader=load_dataset_spec,
+           name="bad.json")

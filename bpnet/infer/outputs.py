@@ -5,12 +5,14 @@
 
 detections.json (TAO's layout, bpnet's extra keys marked +):
 
-    {"pose_config_type": NAME, "categories": [COCO category of the pose
-     config (evaluate: the dataset spec's categories)], "inference_spec":
+    {"pose_config_type": NAME, "categories": [the pose config's person
+     category, with TAO's keys: supercategory, id, name, num_joints, keypoints,
+     skeleton (1-based), skeleton_edge_names], "inference_spec":
      {the spec's fields, +"model_path", +"spec_file", +"input_shape_used",
-     +"keep_aspect_ratio_mode_used"}, "images": [
+     +"keep_aspect_ratio_mode_used", +"runtime_used"}, "images": [
        {"full_image_path": PATH, "keypoints": [[[x, y] * J] per person],
-        "scores": [person score], +"joint_scores": [[s] * J per person],
+        "scores": [person score], "viz_id": index in images (TAO's key; TAO
+        names its drawing <viz_id>.png, bpnet after the picture), +"joint_scores": [[s] * J per person],
         +"boxes": [[x0, y0, x1, y1] per person], +"image_id", +"height", +"width",
         (+"frame", +"track_ids" for video)}],
      +"skipped": [{"path", "reason"}] (pictures, not video)}
@@ -40,9 +42,13 @@ def _r(v, nd=2):
 
 
 def coco_category(pose) -> dict:
+    """The pose config's person category, with every key of TAO's pose-config category."""
     return {"supercategory": "person", "id": 1, "name": "person",
+            "num_joints": pose.num_joints,
             "keypoints": list(pose.keypoints),
-            "skeleton": [[a + 1, b + 1] for a, b in pose.skeleton]}
+            "skeleton": [[a + 1, b + 1] for a, b in pose.skeleton],
+            "skeleton_edge_names": [[pose.keypoints[a], pose.keypoints[b]]
+                                    for a, b in pose.skeleton]}
 
 
 def image_entry(path: str, people, image_id=None, hw=None, **extra) -> dict:
@@ -74,29 +80,36 @@ def spec_doc(predictor, spec_file=None) -> dict:
     d["spec_file"] = str(spec_file) if spec_file else None
     d["input_shape_used"] = predictor.input_shape
     d["keep_aspect_ratio_mode_used"] = predictor.mode
+    d["runtime_used"] = getattr(predictor.runner, "runtime", "") or type(predictor.runner).__name__
     return d
 
 
 def detections_doc(pose, inference_spec: dict, images: List[dict], skipped=None,
-                   categories: Optional[List[dict]] = None) -> dict:
-    """The detections.json document; ``categories`` default to the pose config's one."""
+                   categories: Optional[List[dict]] = None, extra: Optional[dict] = None) -> dict:
+    """The detections.json document; ``categories`` default to the pose config's one;
+    ``extra``: more top-level keys (inference's ``complete``, ``interrupted``...).
+    Every image entry gets TAO's ``viz_id`` (its index in images) unless it has one."""
+    for i, entry in enumerate(images):
+        entry.setdefault("viz_id", i)
     doc = {"pose_config_type": pose.name,
            "categories": categories if categories is not None else [coco_category(pose)],
            "inference_spec": inference_spec, "images": images}
     if skipped is not None:
         doc["skipped"] = skipped
+    if extra:
+        doc.update(extra)
     return doc
 
 
 def write_detections(results_dir, pose, inference_spec: dict, images: List[dict],
-                     coco: List[dict], skipped=None, categories=None):
+                     coco: List[dict], skipped=None, categories=None, extra=None):
     """detections.json (see detections_doc) and detections_coco_format.json in results_dir.
 
     Each file is written atomically: it appears complete or not at all.
     """
     out = Path(results_dir)
     write_json_atomic(out / "detections.json",
-                      detections_doc(pose, inference_spec, images, skipped, categories))
+                      detections_doc(pose, inference_spec, images, skipped, categories, extra))
     write_json_atomic(out / "detections_coco_format.json", coco, indent=None)
 
 

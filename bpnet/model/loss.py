@@ -11,7 +11,8 @@ counts, broadcast over channels):
 B is the batch size (under tf.distribute: the global batch size, so the
 replicas' summed gradients equal one device's).
 
-Focal variant (LossConfig class ``BpNetFocalLoss``, parameters alpha, beta,
+Focal variant (LossConfig class ``BpNetFocalLoss``, or TAO's ``BpNetLoss`` with
+``focal_loss_params.use_focal_loss: true``; parameters alpha, beta,
 bkg_thresh, gamma; the "focal L2" of Zhang et al., "Simple and lightweight
 human pose estimation", 2019), element-wise:
 
@@ -76,10 +77,12 @@ class BpNetLoss:
     @classmethod
     def from_config(cls, loss_cfg, num_stages: int, global_batch_size: Optional[int] = None):
         name = getattr(loss_cfg, "class_name", "BpNetLoss")
+        focal = getattr(loss_cfg, "focal_loss_params", None)
+        # TAO's switch: focal_loss_params.use_focal_loss selects the focal variant.
+        if name == "BpNetFocalLoss" or (name == "BpNetLoss" and getattr(focal, "use_focal_loss", False)):
+            return cls(num_stages, focal, global_batch_size)
         if name == "BpNetLoss":
             return cls(num_stages, None, global_batch_size)
-        if name == "BpNetFocalLoss":
-            return cls(num_stages, loss_cfg.focal_loss_params, global_batch_size)
         raise BpnetError(f"loss: unknown class {name!r}; use BpNetLoss or BpNetFocalLoss")
 
     def __call__(self, labels: Dict, outputs: Sequence):

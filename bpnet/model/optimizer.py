@@ -13,6 +13,15 @@ final outputs 4 / 8; backbone and channel reduction 1 / 2. Variables that
 are neither a conv kernel nor a bias (BatchNorm's gamma and beta) keep 1.
 Without ``use_stagewise_lr_multipliers`` every weight is 1.
 
+TAO's two optimizer keys, with TAO's meaning: ``weight_default_value`` is the
+weight of every variable the multipliers leave out (all of them without
+stagewise multipliers; BatchNorm's gamma and beta with them), and
+``grad_weights_dict`` ({variable name: weight}) sets single variables' weights
+over the multipliers. TAO's trainer replaces that dict with its own
+multipliers, so the key does nothing there; bpnet honours it. A name matches
+a variable's Keras path ("stage1_heatmap_conv1/kernel") or, TAO-style, that
+path with a ":0" suffix; a name that matches no variable is an error.
+
 The weights are a plain {variable path: weight} dict in the optimizer's
 config, so the optimizer serializes; its state (iterations, momentum
 buffers) is ordinary Keras optimizer state, saved and restored by
@@ -70,23 +79,48 @@ def stagewise_gradient_weights(model, num_stages: Optional[int] = None,
     return weights
 
 
+def apply_grad_weights_dict(weights: Dict[str, float], model, grad_weights_dict) -> Dict[str, float]:
+    """``weights`` with TAO's ``grad_weights_dict`` entries set over them, by variable name."""
+    if not grad_weights_dict:
+        return weights
+    from ..errors import BpnetError
+    paths = {v.path: v.path for v in model.trainable_variables}
+    out = dict(weights)
+    for name, w in grad_weights_dict.items():
+        key = str(name)[:-2] if str(name).endswith(":0") else str(name)
+        if key not in paths:
+            import difflib
+            near = difflib.get_close_matches(key, list(paths), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise BpnetError(f"optimizer.grad_weights_dict: {name!r} is not a trainable "
+                             f"variable of the model{hint}")
+        out[key] = float(w)
+    return out
+
+
 @keras.saving.register_keras_serializable(package="bpnet")
 class WeightedMomentumOptimizer(keras.optimizers.SGD):
-    """keras SGD (momentum, optional Nesterov) whose gradients are scaled per variable."""
+    """keras SGD (momentum, optional Nesterov) whose gradients are scaled per variable.
+
+    ``default_weight``: the weight of a variable not in ``gradient_weights``.
+    """
 
     def __init__(self, learning_rate=0.01, momentum=0.9, nesterov=False,
                  gradient_weights: Optional[Dict[str, float]] = None,
+                 default_weight: float = 1.0,
                  name="weighted_momentum", **kwargs):
         super().__init__(learning_rate=learning_rate, momentum=float(momentum),
                          nesterov=nesterov, name=name, **kwargs)
         self.gradient_weights = {str(k): float(v) for k, v in (gradient_weights or {}).items()}
+        self.default_weight = float(default_weight)
         self._weights_by_index = []
 
     def build(self, variables):
         if self.built:
             return
         super().build(variables)
-        self._weights_by_index = [self.gradient_weights.get(v.path, 1.0) for v in variables]
+        self._weights_by_index = [self.gradient_weights.get(v.path, self.default_weight)
+                                  for v in variables]
 
     def weight_of(self, variable) -> float:
         return self._weights_by_index[self._get_variable_index(variable)]
@@ -100,11 +134,21 @@ class WeightedMomentumOptimizer(keras.optimizers.SGD):
     def get_config(self):
         config = super().get_config()
         config["gradient_weights"] = dict(self.gradient_weights)
+        config["default_weight"] = self.default_weight
         return config
 
 
 def make_optimizer(opt_cfg, model, schedule, use_stagewise_lr_multipliers: bool):
-    """The optimizer of a train spec's ``optimizer`` section for ``model``."""
+    """The optimizer of a train spec's ``optimizer`` section for ``model``.
+
+    With stagewise multipliers every conv kernel and bias has its multiplier
+    and the rest (BatchNorm) ``weight_default_value``; without them every
+    variable has ``weight_default_value``. ``grad_weights_dict`` goes on top.
+    """
+    default = float(getattr(opt_cfg, "weight_default_value", 1.0))
+    weights = (stagewise_gradient_weights(model, enabled=True)
+               if use_stagewise_lr_multipliers else {})
+    weights = apply_grad_weights_dict(weights, model, getattr(opt_cfg, "grad_weights_dict", None))
     return WeightedMomentumOptimizer(
         learning_rate=schedule, momentum=opt_cfg.momentum, nesterov=opt_cfg.use_nesterov,
-        gradient_weights=stagewise_gradient_weights(model, enabled=use_stagewise_lr_multipliers))
+        gradient_weights=weights, default_weight=default)

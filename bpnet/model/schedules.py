@@ -16,6 +16,11 @@ Exponential decay:
     decay_steps = decay_epochs * steps_per_epoch, the exponent floored
     when staircase is true.
 
+TAO's class names: ``BpNetExponentialDecayLRSchedule`` (decay_epochs, as
+above; TAO recomputes decay_steps from it), ``ExponentialDecayLearningRateSchedule``
+(decay_steps when given, else decay_epochs) and ``ConstantLearningRateSchedule``
+(learning_rate throughout; decay_rate 1).
+
 Both are written with keras.ops so they run on any Keras backend, and both
 serialize (get_config / registered) so checkpoints restore them.
 """
@@ -117,7 +122,14 @@ def make_schedule(sched_cfg, total_steps: int, steps_per_epoch: int, num_replica
         return SoftstartAnnealingLearningRateSchedule(
             sched_cfg.base_learning_rate * k, sched_cfg.min_learning_rate * k,
             sched_cfg.soft_start, sched_cfg.annealing, total_steps)
-    if cls == "ExponentialDecayLearningRateSchedule":
+    if cls == "ConstantLearningRateSchedule":
+        return ExponentialDecayLearningRateSchedule(
+            sched_cfg.learning_rate * k, 1, 1.0, False, 0.0, name="constant")
+    if cls == "ExponentialDecayLearningRateSchedule" and sched_cfg.decay_steps:
+        return ExponentialDecayLearningRateSchedule(
+            sched_cfg.learning_rate * k, sched_cfg.decay_steps, sched_cfg.decay_rate,
+            sched_cfg.staircase, sched_cfg.min_learning_rate * k)
+    if cls in ("ExponentialDecayLearningRateSchedule", "BpNetExponentialDecayLRSchedule"):
         if steps_per_epoch < 1:
             raise BpnetError(f"learning-rate schedule: steps_per_epoch must be >= 1, "
                              f"got {steps_per_epoch}")

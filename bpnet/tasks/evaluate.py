@@ -53,9 +53,15 @@ def _quiet_stdout():
 
 
 def load_ground_truth(dataset_spec_path):
-    """(dataset spec, COCO object, images dir) of the spec's test_data, validated."""
+    """(dataset spec, COCO object, images dir) of the spec's test_data, validated.
+
+    The annotation file goes through the ground-truth validator that
+    dataset_convert uses (bpnet.data.coco.parse_coco): NaN or string keypoints,
+    duplicate image or annotation ids, ... are refused, naming the file and ids.
+    """
     from pycocotools.coco import COCO
 
+    from ..data.coco import parse_coco, read_annotation_file
     from ..specs import load_dataset_spec
 
     spec = load_dataset_spec(dataset_spec_path)
@@ -63,28 +69,22 @@ def load_ground_truth(dataset_spec_path):
         raise BpnetError(f"{dataset_spec_path}: the dataset spec has no test_data section; add "
                          "test_data {images_root_dir_path, annotation_root_dir_path} to evaluate")
     images_dir, _, ann_path = spec.split_paths("test")
-    if not ann_path.is_file():
-        raise BpnetError(f"{dataset_spec_path}: test_data.annotation_root_dir_path: {ann_path} "
-                         "not found")
-    try:
-        with _quiet_stdout():
-            coco = COCO(str(ann_path))
-    except Exception as e:  # json errors, missing keys
-        raise BpnetError(f"{ann_path}: not a COCO keypoint annotation file "
-                         f"({type(e).__name__}: {e})") from e
+    doc = read_annotation_file(ann_path)  # missing, a folder, not JSON, not COCO-shaped
     cat = spec.category
-    if cat.id not in coco.cats:
+    cats = {c.get("id"): c for c in doc.get("categories") or [] if isinstance(c, dict)}
+    if cat.id not in cats:
         raise BpnetError(f"{ann_path}: no category id {cat.id} ({cat.name}) as the dataset spec "
-                         f"{dataset_spec_path} names; the file has {sorted(coco.cats)}")
-    file_kps = coco.cats[cat.id].get("keypoints")
+                         f"{dataset_spec_path} names; the file has {sorted(map(str, cats))}")
+    file_kps = cats[cat.id].get("keypoints")
     if file_kps and list(file_kps) != list(cat.keypoints):
         raise BpnetError(f"{ann_path}: the category's keypoints {file_kps} differ from the dataset "
                          f"spec's {list(cat.keypoints)} ({dataset_spec_path})")
-    for ann in coco.dataset.get("annotations", []):
-        kps = ann.get("keypoints")
-        if kps is not None and len(kps) != 3 * cat.num_joints:
-            raise BpnetError(f"{ann_path}: annotation {ann.get('id')} has {len(kps) // 3} keypoints, "
-                             f"the dataset spec says {cat.num_joints}")
+    parse_coco(doc, str(ann_path), cat, spec.visibility_flags.table(), None,
+               check_segmentation=True, for_evaluation=True)
+    coco = COCO()
+    coco.dataset = doc
+    with _quiet_stdout():
+        coco.createIndex()
     return spec, coco, images_dir
 
 
@@ -132,7 +132,8 @@ def format_table(kpi: dict, extra: Optional[dict] = None) -> str:
 
 
 def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=None, key=None,
-             status=None, show_progress: bool = True, batch_size: int = 4) -> dict:
+             status=None, show_progress: bool = True, batch_size: int = 4,
+             runtime=None) -> dict:
     """The ``bpnet evaluate`` task body; returns the summary stored in status.json.
 
     ``batch_size``: pictures per network call, as in ``bpnet inference``.
@@ -145,11 +146,18 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
     from ..infer.preprocess import ImageReadError, read_image
     from ..infer.sources import Item
     from ..io import atomic_path
-    from ..specs import load_inference_spec, spec_to_dict
+    from ..specs import load_inference_spec
+    from ..tao_files import resolve_model_path, tao_model_problem
 
     infer_spec = load_inference_spec(inference_spec_path)
     if model_path is None and infer_spec.model_path is None:
         raise BpnetError(f"{inference_spec_path}: no model: give -m/--model_filename or set model_path")
+    # TAO's names of bpnet files (bpnet_model.hdf5) stand for them; TAO's own models cannot load.
+    what = "-m" if model_path is not None else f"{inference_spec_path}: model_path"
+    model_path = resolve_model_path(model_path or infer_spec.model_path)
+    problem = tao_model_problem(model_path, what)
+    if problem:
+        raise BpnetError(problem)
     spec, coco, images_dir = load_ground_truth(dataset_spec_path)
     cat = spec.category
 
@@ -169,7 +177,8 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
         raise BpnetError(f"{dataset_spec_path}: none of the {len(image_ids)} test images exist "
                          f"under {images_dir}; check root_directory_path and images_root_dir_path")
 
-    predictor = Predictor(infer_spec, model_path=model_path, key=key, batch_size=batch_size)
+    predictor = Predictor(infer_spec, model_path=model_path, key=key, batch_size=batch_size,
+                          runtime=runtime)
     model_desc = str(model_path or infer_spec.model_path)
     mapping = check_pose_matches(predictor.pose, list(cat.keypoints), dataset_spec_path, model_desc)
 
@@ -209,8 +218,7 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
 
     results = Path(results_dir)
     write_detections(results, predictor.pose, spec_doc(predictor, inference_spec_path),
-                     det_images, coco_dets, skipped,
-                     categories=[spec_to_dict(c) for c in spec.categories])
+                     det_images, coco_dets, skipped)
     with atomic_path(results / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["metric", "value"])
@@ -223,4 +231,5 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
              unreadable, kpi["AP_0.50:0.95_all"], kpi["AP_0.5"], kpi["AR_0.50:0.95_all"],
              timing["network_ms_median"], timing["decode_ms_median"])
     return {"kpi": kpi, "images_evaluated": len(evaluated), "images_missing": len(missing),
-            "images_unreadable": unreadable, "detections": len(coco_dets), **timing}
+            "images_unreadable": unreadable, "detections": len(coco_dets), **timing,
+            "runtime": predictor.runner.runtime}

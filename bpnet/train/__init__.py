@@ -111,6 +111,9 @@ def _check_records(spec, spec_path, pose) -> bool:
     for split in splits:
         for f in split_files(dc, split, source=str(spec_path)):
             first_record(f, pose)
+    if len(splits) == 1:
+        log.warning("validation is off: %s sets no dataloader.dataset_config.val_records_path "
+                    "(list the val record prefixes there to get a validation loss)", spec_path)
     return len(splits) > 1
 
 
@@ -125,6 +128,36 @@ def _save_spec(spec, spec_path: Path, results: Path):
     if text is not None:
         write_text_atomic(results / f"experiment_spec{spec_path.suffix or '.yaml'}", text)
     write_json_atomic(results / "experiment_spec.resolved.json", spec_to_dict(spec))
+
+
+def _check_pretrained(spec):
+    """TAO's names of bpnet files resolved, TAO's own model files refused, before the run."""
+    if not spec.pretrained_weights:
+        return spec
+    from ..tao_files import resolve_model_path, tao_model_problem
+    path = resolve_model_path(spec.pretrained_weights)
+    problem = tao_model_problem(path, "pretrained_weights")
+    if problem:
+        if not spec.load_graph:
+            problem += "; or set pretrained_weights: null to train from scratch"
+        raise BpnetError(problem)
+    return dataclasses.replace(spec, pretrained_weights=path)
+
+
+def _check_not_overwritten(spec, results: Path):
+    """The run must not write over its own pretrained_weights (the final model or a checkpoint)."""
+    from ..io import same_file
+    from .checkpoints import _CKPT_RE
+    src = spec.pretrained_weights
+    if not src or not Path(src).exists():
+        return
+    src = Path(src)
+    final = results / f"{spec.final_model_name}.keras"
+    ours = same_file(src, final) or (
+        _CKPT_RE.match(src.name) is not None and same_file(src.parent, results))
+    if ours:
+        raise BpnetError(f"pretrained_weights {src} is a file this run writes in its results dir "
+                         f"{results}; copy it elsewhere first or train into another -r")
 
 
 def _steps_per_epoch(spec, spec_path, data_spec, global_batch: int) -> int:
@@ -143,14 +176,23 @@ def _steps_per_epoch(spec, spec_path, data_spec, global_batch: int) -> int:
 # ------------------------------------------------------------------ the run
 
 def train(spec_path, results_dir=None, key: str | None = None, gpus: int = 1,
-          use_amp: bool = False, status=None, spec=None) -> TrainResult:
+          use_amp: bool = False, status=None, spec=None,
+          max_steps: int | None = None, encrypt: bool = False) -> TrainResult:
     """Train the model of the train spec at ``spec_path``; see the module docstring.
 
     ``spec``: the spec already loaded from ``spec_path`` (it is read once).
+    ``max_steps``: stop after this many steps in all (a smoke run of a spec); the
+    learning-rate schedule still spans the whole run. ``key`` decrypts encrypted inputs
+    (pretrained weights, checkpoints); with ``encrypt`` the run's files are written
+    encrypted with it too.
     """
+    if encrypt and not key:
+        raise BpnetError("--encrypt needs the key to encrypt with: give -k/--key")
     t_start = time.time()
     spec, results = _spec_and_results(spec_path, results_dir, spec)
     spec = dataclasses.replace(spec, checkpoint_dir=str(results))
+    spec = _check_pretrained(spec)
+    _check_not_overwritten(spec, results)
     spec_path = Path(spec_path)
     cluster = tf_config()
     chief = is_chief(cluster)
@@ -177,7 +219,7 @@ def train(spec_path, results_dir=None, key: str | None = None, gpus: int = 1,
         chief=chief, multi_worker=is_multi_worker(cluster), pose=pose, has_val=has_val,
         strategy=strategy, global_batch=global_batch,
         steps_per_epoch=_steps_per_epoch(spec, spec_path, data_spec, global_batch),
-        data_spec=data_spec)
+        data_spec=data_spec, max_steps=max_steps, encrypt=encrypt)
 
     keras.utils.set_random_seed(spec.random_seed)
     if use_amp:
@@ -211,7 +253,7 @@ def _run(cfg, status, t_start) -> TrainResult:
     if cfg.chief:
         meta = loop.model_meta(cfg, net, train={"epochs": spec.num_epoch, "steps": int(state.step),
                                                 "train_loss": state.train_loss, "val_loss": val_loss})
-        save_model_file(net.model, final, meta, cfg.key, cfg.use_amp)
+        save_model_file(net.model, final, meta, cfg.save_key, cfg.use_amp)
         log.info("final model %s (%.0f s)", final, time.time() - t_start)
     return TrainResult(final_model=str(final), epochs=spec.num_epoch, steps=int(state.step),
                        train_loss=state.train_loss, val_loss=val_loss,

@@ -79,7 +79,8 @@ def encode_state(arrays: dict[str, np.ndarray], info: dict, key: str | None) -> 
 def decode_state(data: bytes, key: str | None, source) -> tuple[dict[str, np.ndarray], dict]:
     """(arrays, info) of a state file's bytes."""
     from ..model import io as mio
-    if key:
+    # Encrypted or plain, whatever the key: a run resumed with -k may have written plain files.
+    if data.startswith(mio.ENC_MAGIC):
         data = mio.decrypt_bytes(data, key, source=str(source))
     with np.load(_io.BytesIO(data), allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}

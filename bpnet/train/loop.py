@@ -54,6 +54,14 @@ class RunConfig:
     global_batch: int
     steps_per_epoch: int
     data_spec: object  # the spec the training pipeline reads: its batch is the global batch
+    max_steps: int | None = None  # --max_steps: stop after this many steps (a smoke run)
+    encrypt: bool = False  # --encrypt: write model and state files encrypted with ``key``
+
+    @property
+    def save_key(self) -> str | None:
+        """The key the run's files are written with: -k with --encrypt, else none (TAO's -k
+        only reads encrypted inputs)."""
+        return self.key if self.encrypt else None
 
     @property
     def num_replicas(self) -> int:
@@ -428,6 +436,8 @@ def run_epoch(cfg: RunConfig, net: Net, state: TrainState, epoch: int, writer, p
             write_scalars(writer, state.step, loss_scalars("train", vals, net.num_stages,
                                                            current_lr(net.optimizer)))
         progress.update(state.step, epoch, total_v)
+        if cfg.max_steps and state.step >= cfg.max_steps:
+            break
     if n == 0:
         raise BpnetError("the training dataset produced no batches; check the records")
     state.train_loss = float(sums[0] / n)
@@ -477,7 +487,7 @@ def _save_checkpoint(cfg: RunConfig, net: Net, state: TrainState, epoch: int):
         run_info={"global_batch": cfg.global_batch, "steps_per_epoch": cfg.steps_per_epoch,
                   "num_epoch": spec.num_epoch, "random_seed": spec.random_seed},
         train_loss=state.train_loss, val_history=state.val_history,
-        key=cfg.key, use_amp=cfg.use_amp, keep=spec.max_ckpt_to_keep)
+        key=cfg.save_key, use_amp=cfg.use_amp, keep=spec.max_ckpt_to_keep)
 
 
 def fit(cfg: RunConfig, net: Net, state: TrainState, writer, status=None):
@@ -488,6 +498,12 @@ def fit(cfg: RunConfig, net: Net, state: TrainState, writer, status=None):
         for epoch in range(state.epoch, spec.num_epoch):
             run_epoch(cfg, net, state, epoch, writer, progress)
             e1 = epoch + 1
+            if cfg.max_steps and state.step >= cfg.max_steps and e1 < spec.num_epoch:
+                # A smoke run: no checkpoint of a cut epoch (resuming would skip its rest).
+                log.info("stopping at step %d (--max_steps) in epoch %d of %d; the final model "
+                         "is saved", state.step, e1, spec.num_epoch)
+                state.epoch = e1
+                break
             if cfg.has_val and cfg.chief and (e1 % spec.validation_every_n_epoch == 0
                                               or e1 == spec.num_epoch):
                 val = validate(cfg, net)
