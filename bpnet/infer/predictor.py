@@ -54,7 +54,10 @@ class Predictor:
     """Runs a model on BGR pictures and returns people in their pixels."""
 
     def __init__(self, infer_spec=None, model_path=None, key: Optional[str] = None,
-                 runner: Optional[Runner] = None, batch_size: int = 8):
+                 runner: Optional[Runner] = None, batch_size: int = 8,
+                 runtime: Optional[str] = None):
+        """``runtime``: what runs the network (bpnet.infer.runners.RUNTIMES); None: the
+        spec's ``runtime`` (default auto, the fastest installed for the file)."""
         if infer_spec is None:
             spec = InferenceSpec()
         elif isinstance(infer_spec, InferenceSpec):
@@ -63,7 +66,8 @@ class Predictor:
             spec = load_inference_spec(infer_spec)
         self.spec = spec
         self.runner = runner if runner is not None else load_runner(
-            model_path or spec.model_path, key=key, stage=spec.output_stage_to_use)
+            model_path or spec.model_path, key=key, stage=spec.output_stage_to_use,
+            runtime=runtime or spec.runtime)
         self.pose = self.runner.pose
         self.stride = self.runner.stride
         self.norm = _normalization(self.runner, spec)
@@ -103,35 +107,55 @@ class Predictor:
         """Pictures -> [(People, timings)], batching same-shape network inputs."""
         if not len(images):
             return []
+        return self.finish(self.infer(self.prepare(images)))
+
+    # The three steps of predict_many, apart so that a pipeline can overlap them
+    # (bpnet.infer.detect, threaded): preprocessing and decoding run NumPy/OpenCV/numba
+    # code that releases the GIL for most of its time, the network runs in its
+    # runtime's own threads.
+
+    def prepare(self, images: Sequence[np.ndarray]) -> "Prepared":
+        """Step 1: the network inputs of each picture (every scale, mirrored too)."""
         n = len(images)
-        t_pre = np.zeros(n)
-        t_net = np.zeros(n)
-        t_dec = np.zeros(n)
-        jobs: List[_Job] = []
-        refs: List[InputTransform] = []
+        prep = Prepared(jobs=[], refs=[], t_pre=np.zeros(n), t_net=np.zeros(n))
         for i, img in enumerate(images):
             t = time.perf_counter()
             img = self._as_bgr8(img)
-            refs.append(plan_geometry(img.shape[:2], self.input_shape, self.mode, self.stride,
-                                      1.0).transform)
-            jobs.extend(self._jobs(i, img))
-            t_pre[i] = time.perf_counter() - t
-        maps = self._run_jobs(jobs, t_net)
+            prep.refs.append(plan_geometry(img.shape[:2], self.input_shape, self.mode,
+                                           self.stride, 1.0).transform)
+            prep.jobs.extend(self._jobs(i, img))
+            prep.t_pre[i] = time.perf_counter() - t
+        return prep
+
+    def infer(self, prep: "Prepared", batch_size: Optional[int] = None) -> "Prepared":
+        """Step 2: the network on every input, same shapes ``batch_size`` at a time (default:
+        the predictor's); fills ``prep.maps``."""
+        prep.maps = self._run_jobs(prep.jobs, prep.t_net, batch_size)
+        return prep
+
+    def finish(self, prep: "Prepared"):
+        """Step 3: each picture's maps combined and decoded -> [(People, timings)]."""
+        jobs, maps = prep.jobs, prep.maps
         by_image: Dict[int, List[int]] = defaultdict(list)
         for k, job in enumerate(jobs):
             by_image[job.image].append(k)
         out = []
         from .decode import decode
-        for i in range(n):
+        for i in range(len(prep.refs)):
             t = time.perf_counter()
             hm, paf, ref = self._combine([jobs[k] for k in by_image[i]],
-                                         [maps[k] for k in by_image[i]], refs[i])
+                                         [maps[k] for k in by_image[i]], prep.refs[i])
             people = decode(hm, paf, self.pose, stride=self.stride, config=self.spec.decoder)
             people = to_original(people, ref)
-            t_dec[i] = time.perf_counter() - t
-            out.append((people, {"preprocess_s": float(t_pre[i]), "network_s": float(t_net[i]),
-                                 "decode_s": float(t_dec[i])}))
+            out.append((people, {"preprocess_s": float(prep.t_pre[i]),
+                                 "network_s": float(prep.t_net[i]),
+                                 "decode_s": time.perf_counter() - t}))
         return out
+
+    def planned_shape(self, image_hw) -> tuple:
+        """The network input shape (H, W) of a picture of this size at scale 1."""
+        return plan_geometry(tuple(image_hw), self.input_shape, self.mode, self.stride,
+                             1.0).net_hw
 
     def maps(self, image_bgr: np.ndarray):
         """The averaged (heatmaps, PAFs) of one picture and the transform of their grid."""
@@ -162,12 +186,12 @@ class Predictor:
                 jobs.append(_Job(i, np.ascontiguousarray(x[:, ::-1]), geo.transform, True))
         return jobs
 
-    def _run_jobs(self, jobs: List[_Job], t_net: np.ndarray):
+    def _run_jobs(self, jobs: List[_Job], t_net: np.ndarray, batch_size: Optional[int] = None):
         groups: Dict[tuple, List[int]] = defaultdict(list)
         for k, job in enumerate(jobs):
             groups[job.tensor.shape].append(k)
         fixed_batch = self.runner.fixed_batch
-        bs = fixed_batch or self.batch_size
+        bs = fixed_batch or max(1, int(batch_size or self.batch_size))
         results = [None] * len(jobs)
         for shape, ks in groups.items():
             for c0 in range(0, len(ks), bs):
@@ -211,6 +235,17 @@ class Predictor:
                 acc_h += hm
                 acc_p += paf
         return acc_h / len(jobs), acc_p / len(jobs), ref
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Pictures on their way through Predictor.prepare -> infer -> finish."""
+
+    jobs: List[_Job]
+    refs: List[InputTransform]  # each picture's scale-1 transform (its maps' grid)
+    t_pre: np.ndarray  # seconds per picture
+    t_net: np.ndarray
+    maps: Optional[list] = None  # (heatmaps, PAFs) per job, after infer
 
 
 def to_original(people, transform: InputTransform):

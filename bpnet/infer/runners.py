@@ -1,31 +1,39 @@
-"""Model runners: one interface over a Keras model file and an ONNX file.
+"""Model runners: one interface over Keras, ONNX Runtime, OpenVINO and TensorRT.
 
 A runner turns a batch of normalized network inputs [B, H, W, C] into the
 chosen stage's (heatmaps [B, h, w, J+1], PAFs [B, h, w, 2E]) as float32
 NumPy arrays, and carries the model's meta (pose config, normalization,
-stride), checked by ``bpnet.model.meta.parse_meta``. ``load_runner`` picks
-the runner from the file:
+stride), checked by ``bpnet.model.meta.parse_meta``, and the name of its
+runtime (``runner.runtime``). ``load_runner(path, key, stage, runtime)``
+picks the runner from the file and the runtime asked for (``RUNTIMES``):
 
-- ``.onnx`` (or a file that parses as an ONNX protobuf): ONNX Runtime; the
+- a Keras model file (plain or encrypted with ``-k``): ``keras``.
+- ``.onnx`` (or a file that parses as an ONNX protobuf): ``onnxruntime``
+  (part of bpnet's install) or ``openvino`` (the ``openvino`` extra); the
   bpnet meta travels as JSON in the model's metadata_props under
   ``bpnet.model.meta.ONNX_META_KEY`` (the export command writes it).
-- ``.engine`` / ``.trt`` / ``.plan``: a TensorRT engine built by ``bpnet
-  export --engine_file`` (or trtexec from an exported ONNX file); its meta is
-  ``<engine>.json`` or the ONNX file of the same name beside it. Needs the
-  ``tensorrt`` and ``cuda-python`` packages (the ``tensorrt`` extra) and an
-  NVIDIA GPU.
-- anything else: the Keras model file read by ``bpnet.model.io.load_model``
-  (plain or encrypted with ``-k``).
+- ``.engine`` / ``.trt`` / ``.plan``: ``tensorrt``, an engine built by
+  ``bpnet export --engine_file`` (or trtexec from an exported ONNX file); its
+  meta is ``<engine>.json`` or the ONNX file of the same name beside it. Needs
+  the ``tensorrt`` and ``cuda-python`` packages (the ``tensorrt`` extra) and
+  an NVIDIA GPU.
 
-TensorFlow, ONNX Runtime and TensorRT are imported only inside the runner
-that needs them, so ONNX-only deployments do not pay for TensorFlow.
+``auto`` takes the fastest installed runtime for the file (``AUTO_ORDER``;
+measured in docs/benchmarks.md): OpenVINO, then ONNX Runtime for ONNX files.
+A runtime that is not installed, or that cannot run the file, is one
+BpnetError naming what to install or to do.
+
+TensorFlow, ONNX Runtime, OpenVINO and TensorRT are imported only inside the
+runner that needs them, so ONNX-only deployments do not pay for TensorFlow.
 """
 
 from __future__ import annotations
 
 import abc
+import importlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -39,6 +47,53 @@ log = logging.getLogger(__name__)
 
 ENGINE_SUFFIXES = (".engine", ".trt", ".plan")
 
+#: The values of the inference spec's ``runtime`` and of ``--runtime``.
+RUNTIMES = ("auto", "keras", "onnxruntime", "openvino", "tensorrt")
+#: Which runtimes run which kind of file.
+FILE_RUNTIMES = {"keras": ("keras",), "onnx": ("onnxruntime", "openvino"),
+                 "engine": ("tensorrt",)}
+#: ``auto``'s choice per kind of file, fastest first (benchmarks.md#inference-runtimes);
+#: ONNX Runtime comes first for ONNX files when it has its CUDA provider.
+AUTO_ORDER = {"keras": ("keras",), "onnx": ("openvino", "onnxruntime"),
+              "engine": ("tensorrt",)}
+#: The Python module each runtime needs, and how to install it.
+RUNTIME_MODULES = {"keras": "keras", "onnxruntime": "onnxruntime", "openvino": "openvino",
+                   "tensorrt": "tensorrt"}
+INSTALL_HINTS = {
+    "keras": "pip install bpnet (TensorFlow and Keras come with it)",
+    "onnxruntime": "pip install onnxruntime (part of bpnet's own install)",
+    "openvino": 'pip install "bpnet[openvino]"',
+    "tensorrt": 'pip install "bpnet[tensorrt]" on a machine with an NVIDIA GPU',
+}
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def runtime_installed(runtime: str) -> bool:
+    """Whether ``runtime``'s Python package imports."""
+    try:
+        importlib.import_module(RUNTIME_MODULES[runtime])
+        return True
+    except ImportError:
+        return False
+
+
+def _import_runtime(runtime: str, path):
+    """The runtime's module, or one BpnetError saying how to install it."""
+    try:
+        return importlib.import_module(RUNTIME_MODULES[runtime])
+    except ImportError:
+        other = {"openvino": "; or use --runtime onnxruntime (or auto)",
+                 "onnxruntime": "; or use --runtime openvino (or auto)"}.get(runtime, "")
+        raise BpnetError(f"{path}: runtime {runtime!r} is not installed: "
+                         f"{INSTALL_HINTS[runtime]}{other}") from None
+
 
 class Runner(abc.ABC):
     """What the predictor needs from a model."""
@@ -51,6 +106,7 @@ class Runner(abc.ABC):
     fixed_input_hw: Optional[Tuple[int, int]] = None
     fixed_batch: Optional[int] = None
     path: str = ""
+    runtime: str = ""  # one of RUNTIMES (not "auto"): what runs the model
 
     @abc.abstractmethod
     def run(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -90,6 +146,8 @@ def _split_outputs(outputs, pose: PoseConfig, source: str, names=None):
 
 
 class KerasRunner(Runner):
+    runtime = "keras"
+
     def __init__(self, path, key: Optional[str] = None, stage: Optional[int] = None):
         from ..model.io import load_model
         model, meta = load_model(str(path), key=key)
@@ -130,66 +188,164 @@ class KerasRunner(Runner):
         return _split_outputs(outs, self.pose, self.path)
 
 
+def _read_onnx_meta(path) -> dict:
+    """The bpnet meta of an exported ONNX file (metadata_props ``ONNX_META_KEY``)."""
+    import onnx
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises several types
+        raise BpnetError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0]})") from None
+    raw = {p.key: p.value for p in proto.metadata_props}.get(ONNX_META_KEY)
+    return _parse_onnx_meta(raw, path)
+
+
+def _parse_onnx_meta(raw, path) -> dict:
+    if raw is None:
+        raise BpnetError(f"{path}: ONNX model without bpnet meta (metadata_props "
+                         f"{ONNX_META_KEY!r}); export it with `bpnet export`")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise BpnetError(f"{path}: metadata {ONNX_META_KEY!r} is not valid JSON ({e})") from None
+
+
+def _choose_outputs(runner: Runner, names, stage):
+    """The (heatmap, PAF) output pair of the stage asked for, from an ONNX file's outputs."""
+    if len(names) == 2:
+        total = runner.meta.get("num_stages")
+        if stage is not None and stage != total:
+            if total is None:
+                log.warning("%s carries one stage (the exported one); output_stage_to_use "
+                            "%s is ignored", runner.path, stage)
+            else:
+                raise BpnetError(
+                    f"output_stage_to_use is {stage} but {runner.path} only carries the last "
+                    f"stage (of {total}); set output_stage_to_use: null")
+        return list(names)
+    if len(names) % 2:
+        raise BpnetError(f"{runner.path}: expected heatmap/PAF output pairs, got {len(names)}")
+    T = len(names) // 2
+    s = T if stage is None else stage
+    if not 1 <= s <= T:
+        raise BpnetError(f"output_stage_to_use is {stage} but {runner.path} has {T} stages")
+    return [names[s - 1], names[T + s - 1]]
+
+
+def _input_shape(runner: Runner, shape):
+    """Fixed sizes, batch and channels from an NHWC input shape (None: dynamic)."""
+    if len(shape) != 4:
+        raise BpnetError(f"{runner.path}: expected an NHWC input, got shape {list(shape)}")
+    if shape[1] is not None and shape[2] is not None:
+        runner.fixed_input_hw = (int(shape[1]), int(shape[2]))
+    if shape[0] is not None:
+        runner.fixed_batch = int(shape[0])
+    if shape[3] is not None:
+        runner.input_channels = int(shape[3])
+
+
+def onnxruntime_options(ort, threads: Optional[int] = None):
+    """The session options bpnet runs ONNX files with on CPU.
+
+    Intra-op threads = the usable cores, one inter-op thread and sequential
+    execution (one picture's graph is a chain; parallel execution only adds
+    scheduling), every graph optimization (the level that fuses QDQ
+    DequantizeLinear -> Conv -> QuantizeLinear into int8 QLinearConv).
+    """
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = int(threads or usable_cores())
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return opts
+
+
 class OnnxRunner(Runner):
-    def __init__(self, path, stage: Optional[int] = None, providers=None):
-        import onnxruntime as ort
+    """An ONNX file in ONNX Runtime (CUDA provider where available, else CPU)."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, path, stage: Optional[int] = None, providers=None,
+                 threads: Optional[int] = None):
+        ort = _import_runtime("onnxruntime", path)
         self.path = str(path)
         try:
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
             self.session = ort.InferenceSession(
-                self.path, sess_options=opts,
+                self.path, sess_options=onnxruntime_options(ort, threads),
                 providers=providers or _default_providers(ort))
         except Exception as e:  # ORT raises several private exception types
             raise BpnetError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0]})") from None
         raw = self.session.get_modelmeta().custom_metadata_map.get(ONNX_META_KEY)
-        if raw is None:
-            raise BpnetError(f"{path}: ONNX model without bpnet meta (metadata_props "
-                             f"{ONNX_META_KEY!r}); export it with `bpnet export`")
-        try:
-            meta = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise BpnetError(f"{path}: metadata {ONNX_META_KEY!r} is not valid JSON ({e})") from None
-        self._init_meta(meta, self.path)
+        self._init_meta(_parse_onnx_meta(raw, path), self.path)
         inp = self.session.get_inputs()
         if len(inp) != 1:
             raise BpnetError(f"{path}: expected one input, got {len(inp)}")
         self.input_name = inp[0].name
-        shape = inp[0].shape
-        if len(shape) != 4:
-            raise BpnetError(f"{path}: expected an NHWC input, got shape {shape}")
-        if isinstance(shape[1], int) and isinstance(shape[2], int):
-            self.fixed_input_hw = (shape[1], shape[2])
-        if isinstance(shape[0], int):
-            self.fixed_batch = shape[0]
-        if isinstance(shape[3], int):
-            self.input_channels = shape[3]
+        _input_shape(self, [d if isinstance(d, int) else None for d in inp[0].shape])
         outs = [o.name for o in self.session.get_outputs()]
-        self.output_names = self._choose_outputs(outs, stage)
-
-    def _choose_outputs(self, names, stage):
-        if len(names) == 2:
-            total = self.meta.get("num_stages")
-            if stage is not None and stage != total:
-                if total is None:
-                    log.warning("%s carries one stage (the exported one); output_stage_to_use "
-                                "%s is ignored", self.path, stage)
-                else:
-                    raise BpnetError(
-                        f"output_stage_to_use is {stage} but {self.path} only carries the last "
-                        f"stage (of {total}); set output_stage_to_use: null")
-            return names
-        if len(names) % 2:
-            raise BpnetError(f"{self.path}: expected heatmap/PAF output pairs, got {len(names)}")
-        T = len(names) // 2
-        s = T if stage is None else stage
-        if not 1 <= s <= T:
-            raise BpnetError(f"output_stage_to_use is {stage} but {self.path} has {T} stages")
-        return [names[s - 1], names[T + s - 1]]
+        self.output_names = _choose_outputs(self, outs, stage)
 
     def run(self, batch):
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         outs = self.session.run(self.output_names, {self.input_name: batch})
+        return _split_outputs(_undo_upsample(outs, self.meta), self.pose, self.path,
+                              self.output_names)
+
+
+class OpenVinoRunner(Runner):
+    """An ONNX file (fp32, fp16 or QDQ INT8) in OpenVINO on the CPU.
+
+    The file is read as it is (no conversion step) and compiled once with its
+    dynamic batch, height and width kept dynamic: on the CPU plugin that runs
+    as fast as a model compiled for one fixed shape (measured: within 5 %),
+    without a compile per picture size. LATENCY hint, one stream, threads =
+    the usable cores. ``inference_precision`` "f32" (default) computes in
+    float32 as the file says; OpenVINO's own default on CPUs with bfloat16
+    instructions (AVX512-BF16, AMX) is "bf16", which is faster and moves the
+    maps (and the AP) a little, so it is asked for explicitly only.
+    """
+
+    runtime = "openvino"
+    #: The ``inference_precision`` of runners made without one (e.g. by load_runner).
+    default_precision = "f32"
+
+    def __init__(self, path, stage: Optional[int] = None, device: str = "CPU",
+                 threads: Optional[int] = None, inference_precision: Optional[str] = None):
+        ov = _import_runtime("openvino", path)
+        inference_precision = inference_precision or self.default_precision
+        self.inference_precision = inference_precision
+        self.path = str(path)
+        self._init_meta(_read_onnx_meta(path), self.path)
+        core = ov.Core()
+        try:
+            model = core.read_model(self.path)
+            if len(model.inputs) != 1:
+                raise BpnetError(f"{path}: expected one input, got {len(model.inputs)}")
+            pshape = model.inputs[0].get_partial_shape()
+            dims = [None if d.is_dynamic else d.get_length() for d in pshape]
+            self.input_name = model.inputs[0].get_any_name()
+            _input_shape(self, dims)
+            config = {"PERFORMANCE_HINT": "LATENCY",
+                      "INFERENCE_NUM_THREADS": int(threads or usable_cores()),
+                      "INFERENCE_PRECISION_HINT": inference_precision}
+            self.compiled = core.compile_model(model, device, config)
+        except BpnetError:
+            raise
+        except Exception as e:  # OpenVINO raises RuntimeError subclasses with long texts
+            raise BpnetError(f"{path}: OpenVINO cannot load this ONNX model "
+                             f"({str(e).strip().splitlines()[0] if str(e) else type(e).__name__})"
+                             ) from None
+        names = [o.get_any_name() for o in self.compiled.outputs]
+        self.output_names = _choose_outputs(self, names, stage)
+        self._out_index = [names.index(n) for n in self.output_names]
+        self._request = self.compiled.create_infer_request()
+
+    def run(self, batch):
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        self._request.infer({0: batch})
+        # Copies: the request's output buffers are reused by the next call.
+        outs = [np.array(self._request.get_output_tensor(i).data, copy=True)
+                for i in self._out_index]
         return _split_outputs(_undo_upsample(outs, self.meta), self.pose, self.path,
                               self.output_names)
 
@@ -213,6 +369,8 @@ def _cuda_check(result):
 
 class TensorRTRunner(Runner):
     """A TensorRT engine (TensorRT 10/11 tensor API) with cuda-python device buffers."""
+
+    runtime = "tensorrt"
 
     def __init__(self, path, stage: Optional[int] = None):
         try:
@@ -300,12 +458,19 @@ def _engine_meta(path: Path) -> dict:
             raise BpnetError(f"{side}: not valid JSON ({e})") from None
     onnx_file = path.with_suffix(".onnx")
     if onnx_file.is_file():
-        import onnx
-        for p in onnx.load(str(onnx_file), load_external_data=False).metadata_props:
-            if p.key == ONNX_META_KEY:
-                return json.loads(p.value)
+        return _read_onnx_meta(onnx_file)
     raise BpnetError(f"{path}: no bpnet meta for this engine: keep {side.name} (written by "
                      f"bpnet export) or the exported {onnx_file.name} beside it")
+
+
+def _onnxruntime_has_cuda() -> bool:
+    """ONNX Runtime with its CUDA provider (onnxruntime-gpu on a GPU machine): then auto
+    prefers it to OpenVINO's CPU plugin for ONNX files."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def _default_providers(ort):
@@ -327,8 +492,58 @@ def _looks_like_onnx(path: Path) -> bool:
         return False
 
 
-def load_runner(path, key: Optional[str] = None, stage: Optional[int] = None) -> Runner:
-    """A runner for a model file: ONNX by suffix or content, else Keras."""
+def file_kind(path) -> str:
+    """``keras``, ``onnx`` or ``engine``: what kind of model file ``path`` is."""
+    p = Path(path)
+    if p.suffix.lower() in ENGINE_SUFFIXES:
+        return "engine"
+    if p.suffix.lower() == ".onnx" or _looks_like_onnx(p):
+        return "onnx"
+    return "keras"
+
+
+def choose_runtime(path, runtime: Optional[str] = "auto") -> str:
+    """The runtime that will run ``path``: ``runtime`` checked against the file, or auto's pick.
+
+    BpnetError (one line) when that runtime cannot run this kind of file or is
+    not installed.
+    """
+    runtime = (runtime or "auto").lower()
+    if runtime not in RUNTIMES:
+        raise BpnetError(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    kind = file_kind(path)
+    if runtime == "auto":
+        order = AUTO_ORDER[kind]
+        if kind == "onnx" and _onnxruntime_has_cuda():
+            order = ("onnxruntime",) + tuple(r for r in order if r != "onnxruntime")
+        for rt in order:
+            if runtime_installed(rt):
+                return rt
+        return order[-1]  # not installed: its runner says what to install
+    if runtime not in FILE_RUNTIMES[kind]:
+        raise BpnetError(f"{path}: runtime {runtime!r} cannot run this file: "
+                         + _what_to_do(kind, runtime, path))
+    return runtime
+
+
+def _what_to_do(kind: str, runtime: str, path) -> str:
+    if kind == "keras":
+        return (f"{runtime} runs exported files; export it first (bpnet export -m {path}"
+                + (" --engine_file ENGINE" if runtime == "tensorrt" else "")
+                + ") or use --runtime keras (or auto)")
+    if kind == "onnx":
+        if runtime == "tensorrt":
+            return ("TensorRT runs engines; build one from this file (bpnet export "
+                    "--engine_file, or trtexec) or use --runtime onnxruntime, openvino or auto")
+        return ("it is an ONNX file; use --runtime onnxruntime or openvino (or auto), or pass "
+                "the Keras model")
+    return ("it is a TensorRT engine; use --runtime tensorrt (or auto), or pass the .onnx or "
+            "Keras model")
+
+
+def load_runner(path, key: Optional[str] = None, stage: Optional[int] = None,
+                runtime: Optional[str] = "auto") -> Runner:
+    """A runner for a model file in the runtime asked for (``auto``: the fastest installed)."""
     if path is None or str(path) == "":
         raise BpnetError("no model given: pass -m/--model_filename or set model_path in the "
                          "inference spec")
@@ -337,10 +552,13 @@ def load_runner(path, key: Optional[str] = None, stage: Optional[int] = None) ->
         raise BpnetError(f"{p}: model file not found")
     if p.is_dir():
         raise BpnetError(f"{p}: is a folder; pass the model file (.keras / .onnx)")
-    if p.suffix.lower() in ENGINE_SUFFIXES:
+    rt = choose_runtime(p, runtime)
+    if rt == "tensorrt":
         return TensorRTRunner(p, stage=stage)
-    if p.suffix.lower() == ".onnx" or _looks_like_onnx(p):
+    if rt == "onnxruntime":
         return OnnxRunner(p, stage=stage)
+    if rt == "openvino":
+        return OpenVinoRunner(p, stage=stage)
     try:
         return KerasRunner(p, key=key, stage=stage)
     except BpnetError:
