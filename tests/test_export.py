@@ -221,6 +221,7 @@ def test_int8_qdq_file_runs_and_writes_its_cache(int8_run, exported):
     d, r = int8_run
     assert r.exit_code == 0, r.output
     proto = onnx.load(str(d / "q.onnx"))
+    onnx.checker.check_model(proto)  # a valid ONNX file: its nodes topologically sorted
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
     # Symmetric: every activation zero point is 0 (what TensorRT needs).
@@ -273,6 +274,100 @@ def test_fewer_calibration_pictures_than_asked_are_used_with_a_warning(models, t
     assert "calibration wants 10 pictures" in r.stderr and "using all 4" in r.stderr
     assert json.loads((tmp_path / "r" / "status.json").read_text())["cal_images"] == 4
     assert (tmp_path / "q.onnx").is_file()
+
+
+def _imported_inputs(exported, hw=(184, 248), n=3):
+    if "imported" not in exported:
+        need(TFPOSE_PB)
+    meta = json.loads({p.key: p.value for p in onnx.load(str(exported["imported"])).metadata_props}
+                      [ONNX_META_KEY])
+    return onnx.load(str(exported["imported"])), _inputs(meta, hw, n)
+
+
+def test_equalization_keeps_the_float_maps_and_levels_the_channels(exported):
+    """Cross-layer equalization on the imported network: the same maps in fp32, and every
+    equalized tensor's channels reach one largest value on the calibration pictures."""
+    from bpnet.export import int8 as q8
+    proto, x = _imported_inputs(exported)
+    batches = [x[i:i + 1] for i in range(len(x))]
+    pairs = q8.equalization_pairs(proto)
+    assert len(pairs) > 50  # every depthwise -> pointwise and conv -> ReLU -> conv link
+    scales = q8.equalization_scales(proto, batches)
+    eq = q8.apply_equalization(proto, scales)
+    before = q8._channel_stats(proto, list(scales), batches, "absmax")
+    after = q8._channel_stats(eq, list(scales), batches, "absmax")
+    spread_before = np.median([v.max() / np.median(v) for v in before.values()])
+    spread_after = np.median([v.max() / np.median(v) for v in after.values()])
+    assert spread_before > 3 and spread_after < 1.01, (spread_before, spread_after)
+    a = _ort_proto(proto).run(None, {"input_1:0": x})
+    b = _ort_proto(eq).run(None, {"input_1:0": x})
+    for u, v in zip(a, b):
+        np.testing.assert_allclose(v, u, atol=1e-4 * max(1.0, float(np.abs(u).max())))
+
+
+def _ort_proto(proto):
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_equalization_and_bias_correction_bring_int8_closer_to_fp32(exported):
+    """On real photos the INT8 heatmaps of the imported network move less from fp32 with the
+    equalization and bias correction than without; quantizing only the backbone, less still."""
+    from bpnet.export import int8 as q8
+    proto, x = _imported_inputs(exported)
+    batches = [x[i:i + 1] for i in range(len(x))]
+    ref = _ort_proto(proto).run(None, {"input_1:0": x})
+
+    def error(qproto):
+        out = _ort_proto(qproto).run(None, {"input_1:0": x})
+        return max(float(np.linalg.norm(o - r) / np.linalg.norm(r)) for o, r in zip(out, ref))
+
+    plain = error(q8.quantize(proto, q8.compute_ranges(proto, batches, "minmax")))
+    cal = q8.calibrate(proto, batches, "minmax")
+    assert cal.equalization and cal.bias_correction
+    full = error(q8.quantize_calibrated(proto, cal, "all"))
+    backbone = error(q8.quantize_calibrated(proto, cal, "backbone"))
+    assert full < 0.7 * plain, (plain, full)
+    assert backbone < full, (full, backbone)
+    # Only the backbone carries Q/DQ nodes: no stage convolution reads a dequantized weight.
+    qb = q8.quantize_calibrated(proto, cal, "backbone")
+    keep = q8.backbone_nodes(proto)
+    made_by = {o: n for n in qb.graph.node for o in n.output}
+    for n in qb.graph.node:
+        if n.op_type == "Conv" and n.name not in keep:
+            assert made_by.get(n.input[1]) is None or made_by[n.input[1]].op_type != \
+                "DequantizeLinear", n.name
+
+
+def test_int8_scope_backbone_refuses_a_one_stage_network(tmp_path):
+    from bpnet.model.build import build_model
+    from bpnet.model.io import save_model
+    need(VAL)
+    cfg = ModelConfig(class_name="BpNetLiteModel", stages=1, width_multiplier=0.0625,
+                      heat_channels=POSE.heat_channels, paf_channels=POSE.paf_channels)
+    save_model(build_model(cfg, POSE), tmp_path / "one.keras",
+               make_meta(POSE, NORM, dataclasses.asdict(cfg), num_stages=1))
+    r = invoke("export", "-m", tmp_path / "one.keras", "-o", tmp_path / "q.onnx", "--data_type",
+               "int8", "--cal_image_dir", VAL, "--batches", 1, "--int8_scope", "backbone",
+               "-d", "64,96,3", "-r", tmp_path / "r")
+    assert r.exit_code == 1
+    assert "no refinement stages" in " ".join(error_lines(r.stderr, "export"))
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_a_version_1_cache_is_refused(int8_run, models, tmp_path):
+    d, first = int8_run
+    assert first.exit_code == 0, first.output
+    doc = json.loads((d / "cal.json").read_text())
+    assert doc["version"] == 2 and doc["equalization"] and doc["bias_correction"]
+    old = {k: v for k, v in doc.items() if k not in ("equalization", "bias_correction")}
+    old["version"] = 1
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    r = invoke("export", "-m", models["lite"], "-o", tmp_path / "q.onnx", "--data_type", "int8",
+               "--cal_cache_file", tmp_path / "old.json", "--cal_method", "minmax",
+               "-d", "64,96,3", "-r", tmp_path / "r")
+    assert r.exit_code == 1
+    assert "older bpnet" in " ".join(error_lines(r.stderr, "export"))
+    assert not (tmp_path / "q.onnx").exists()
 
 
 # ------------------------------------------------------------------ DeepStream, TensorRT

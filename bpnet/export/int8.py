@@ -16,10 +16,31 @@ pictures is used whole, with a warning: a few hundred pictures calibrate
 well, a few dozen still usably, and refusing would only push users to copy
 pictures.
 
-The ranges computed (per tensor: lowest, highest) can be kept in a cache file
-(``--cal_cache_file``) with the source model's SHA-256: a later export of
-the same model reads them instead of calibrating again; a cache from another
-model is refused.
+Before the ranges are measured, the float graph is prepared for per-tensor
+activation ranges, without changing what it computes:
+
+- cross-layer equalization: where a convolution feeds only convolutions
+  (directly, or through a ReLU, which commutes with a positive scale), each
+  of its output channels is scaled so that all channels of that tensor reach
+  the same largest value over the calibration pictures, and the consumers'
+  matching input weights are divided by the same factor. Folded batch norms
+  leave channels of one tensor hundreds of times apart (the imported
+  mobilenet_thin's depthwise outputs: largest values from 0.05 to 230), which
+  one per-tensor int8 scale cannot hold; depthwise and per-output-channel
+  weight quantization are unaffected by the scaling.
+- bias correction: each quantized convolution's bias absorbs the mean shift
+  its rounded weights cause (minus the weight error times the mean input per
+  channel over the calibration pictures), so that rounding does not add up
+  to an offset over many layers.
+
+``--int8_scope backbone`` quantizes only the backbone (everything up to the
+features every stage reads) and leaves the stages in float: for networks
+whose stages do not survive int8 (measured: docs/export.md#int8).
+
+The calibration (per-tensor ranges, the equalization scales, the bias
+corrections) can be kept in a cache file (``--cal_cache_file``) with the
+source model's SHA-256: a later export of the same model reads it instead of
+calibrating again; a cache from another model is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +49,8 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -37,15 +59,17 @@ from ..errors import BpnetError
 log = logging.getLogger("bpnet.export")
 
 CAL_METHODS = ("minmax", "entropy", "percentile")
-#: The default. Measured on the imported mobilenet_thin network, coco_tiny val, 10-20
-#: train2017 pictures: no method keeps its AP (all three give AP 0.000, against
-#: 0.664 in fp32; docs/benchmarks.md#export), so the fastest one (30 s against 70 s
-#: for percentile and 160 s for entropy), which is also TensorRT's usual choice.
-DEFAULT_CAL_METHOD = "minmax"
+#: The default. Measured on the imported mobilenet_thin network with equalization and bias
+#: correction (10 train2017 calibration pictures; AP on coco_tiny train2017 / val2017, fp32
+#: 0.276 / 0.664): percentile keeps the most, all layers 0.177 / 0.371, backbone only
+#: 0.274 / 0.627 (minmax 0.144 / 0.198 and 0.258 / 0.619; entropy 0.000 and 0.273).
+DEFAULT_CAL_METHOD = "percentile"
 #: Network input size of the calibration pictures when the export has no fixed size.
 DEFAULT_CAL_HW = (368, 496)
 CACHE_FORMAT = "bpnet-int8-calibration"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+#: --int8_scope: what is quantized.
+SCOPES = ("all", "backbone")
 SEED = 0
 
 
@@ -151,6 +175,9 @@ def read_cache(path, model_sha256: str, method: str, graph_sha256: str) -> dict:
                          "calibration table is not one; delete it or name a new file)")
     if doc.get("version", 0) > CACHE_VERSION:
         raise BpnetError(f"--cal_cache_file {p}: written by a newer bpnet")
+    if doc.get("version", 0) < CACHE_VERSION:
+        raise BpnetError(f"--cal_cache_file {p}: written by an older bpnet (without equalization "
+                         "and bias correction); delete it or name a new file to calibrate again")
     if doc.get("source_model_sha256") != model_sha256:
         raise BpnetError(f"--cal_cache_file {p}: made for another model (sha256 "
                          f"{str(doc.get('source_model_sha256'))[:12]}..., this model "
@@ -164,16 +191,347 @@ def read_cache(path, model_sha256: str, method: str, graph_sha256: str) -> dict:
     ranges = doc.get("ranges")
     if not isinstance(ranges, dict) or not ranges:
         raise BpnetError(f"--cal_cache_file {p}: holds no ranges")
+    for key in ("equalization", "bias_correction"):
+        if not isinstance(doc.get(key), dict):
+            raise BpnetError(f"--cal_cache_file {p}: holds no {key}; name a new file to calibrate")
     return doc
 
 
-def write_cache(path, model_sha256: str, method: str, ranges: dict, images: int, hw,
+def write_cache(path, model_sha256: str, method: str, cal: "Calibration", images: int, hw,
                 graph_sha256: str):
     from ..io import write_json_atomic
     write_json_atomic(path, {"format": CACHE_FORMAT, "version": CACHE_VERSION,
                              "source_model_sha256": model_sha256, "graph_sha256": graph_sha256,
                              "cal_method": method,
-                             "images": int(images), "input_hw": list(hw), "ranges": ranges})
+                             "images": int(images), "input_hw": list(hw), "ranges": cal.ranges,
+                             "equalization": cal.equalization,
+                             "bias_correction": cal.bias_correction}, indent=None)
+
+
+# ------------------------------------------------------------------ calibration
+
+@dataclass
+class Calibration:
+    """What calibration measured: enough to quantize the model again without pictures."""
+
+    ranges: Dict[str, List[float]]  # tensor -> [lowest, highest] (of the equalized graph)
+    equalization: Dict[str, List[float]]  # tensor -> per-channel scale
+    bias_correction: Dict[str, List[float]]  # Conv node -> per-channel bias change
+
+    @classmethod
+    def from_cache(cls, doc: dict) -> "Calibration":
+        return cls(doc["ranges"], doc["equalization"], doc["bias_correction"])
+
+
+def calibrate(proto, batches, method: str, progress: bool = False) -> Calibration:
+    """Equalize, measure the ranges, then the bias corrections, over ``batches``."""
+    scales = equalization_scales(proto, batches)
+    eq = apply_equalization(proto, scales)
+    ranges = compute_ranges(eq, batches, method, progress)
+    deltas = bias_corrections(eq, ranges, batches)
+    return Calibration(ranges, {k: v.tolist() for k, v in scales.items()},
+                       {k: v.tolist() for k, v in deltas.items()})
+
+
+def quantize_calibrated(proto, cal: Calibration, scope: str = "all"):
+    """The QDQ ModelProto of an fp32 one: equalized, bias-corrected, quantized in ``scope``."""
+    nodes = backbone_nodes(proto) if scope == "backbone" else None
+    model = apply_equalization(proto, cal.equalization)
+    deltas = cal.bias_correction
+    if nodes is not None:
+        deltas = {k: v for k, v in deltas.items() if k in nodes}
+    model = apply_bias_corrections(model, deltas)
+    return quantize(model, cal.ranges, nodes)
+
+
+def _copy(proto):
+    import onnx
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    return out
+
+
+def _attr(node, name, default=None):
+    import onnx
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _graph_maps(graph):
+    """(initializers by name, consumers by tensor, how often each initializer is used)."""
+    inits = {i.name: i for i in graph.initializer}
+    consumers: Dict[str, list] = {}
+    uses: Dict[str, int] = {}
+    for n in graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+            if t in inits:
+                uses[t] = uses.get(t, 0) + 1
+    return inits, consumers, uses
+
+
+def _is_depthwise(node, weight_shape) -> bool:
+    return _attr(node, "group", 1) == weight_shape[0] and weight_shape[1] == 1
+
+
+def equalization_pairs(proto) -> List[Tuple[str, object, list]]:
+    """(tensor, producing Conv, consuming Convs) where per-channel scaling is exact.
+
+    The tensor is a Conv's output or the ReLU of it (ReLU(s x) = s ReLU(x) for
+    s > 0); every consumer is a Conv reading it as its data input, ordinary or
+    depthwise (one weight slice per channel); no weight is shared.
+    """
+    from onnx import numpy_helper as nh
+    inits, consumers, uses = _graph_maps(proto.graph)
+    pairs = []
+    for n in proto.graph.node:
+        if n.op_type != "Conv" or len(n.input) < 2 or uses.get(n.input[1]) != 1:
+            continue
+        if len(n.input) > 2 and n.input[2] and uses.get(n.input[2]) != 1:
+            continue
+        tensor, readers = n.output[0], consumers.get(n.output[0], [])
+        if len(readers) == 1 and readers[0].op_type == "Relu":
+            tensor = readers[0].output[0]
+            readers = consumers.get(tensor, [])
+        if not readers or any(r.op_type != "Conv" or r.input[0] != tensor
+                              or uses.get(r.input[1]) != 1 for r in readers):
+            continue
+        channels = inits[n.input[1]].dims[0]
+        ok = True
+        for r in readers:
+            w = nh.to_array(inits[r.input[1]])
+            if not (_attr(r, "group", 1) == 1 and w.shape[1] == channels
+                    or _is_depthwise(r, w.shape) and w.shape[0] == channels):
+                ok = False
+        if ok:
+            pairs.append((tensor, n, readers))
+    return pairs
+
+
+def _run_with_outputs(proto, names: Sequence[str]):
+    """An ORT session of ``proto`` that also returns the tensors ``names``."""
+    import onnx
+    import onnxruntime as ort
+    model = _copy(proto)
+    have = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names if t not in have)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), opts,
+                                   providers=["CPUExecutionProvider"])
+    return session, session.get_inputs()[0].name
+
+
+def _channel_stats(proto, names: Sequence[str], batches, stat: str) -> Dict[str, np.ndarray]:
+    """Per channel (axis 1, NCHW inside the graph): the largest |value| or the mean."""
+    names = list(dict.fromkeys(names))
+    session, inp = _run_with_outputs(proto, names)
+    acc: Dict[str, np.ndarray] = {}
+    for b in batches:
+        for name, v in zip(names, session.run(names, {inp: b})):
+            axes = (0,) + tuple(range(2, v.ndim))
+            if stat == "absmax":
+                r = np.abs(v).max(axis=axes)
+                acc[name] = np.maximum(acc[name], r) if name in acc else r
+            else:
+                acc[name] = acc.get(name, 0) + v.mean(axis=axes) / len(batches)
+    return acc
+
+
+def equalization_scales(proto, batches, floor: float = 1e-2) -> Dict[str, np.ndarray]:
+    """Per equalizable tensor, the channel scales that give every channel the largest range.
+
+    A channel that never exceeds ``floor`` of the largest is scaled as if it
+    reached it (a dead channel is not blown up).
+    """
+    pairs = equalization_pairs(proto)
+    top = _channel_stats(proto, [t for t, _, _ in pairs], batches, "absmax")
+    scales = {}
+    for tensor, _, _ in pairs:
+        r = top[tensor].astype(np.float64)
+        if not np.isfinite(r).all() or r.max() <= 0:
+            continue
+        r = np.maximum(r, floor * r.max())
+        scales[tensor] = (r.max() / r).astype(np.float32)
+    return scales
+
+
+def apply_equalization(proto, scales: Dict[str, Sequence[float]]):
+    """A copy of ``proto`` with ``scales`` folded in (the float outputs are unchanged)."""
+    from onnx import numpy_helper as nh
+    model = _copy(proto)
+    if not scales:
+        return model
+    inits = {i.name: i for i in model.graph.initializer}
+
+    def update(name, fn):
+        inits[name].CopyFrom(nh.from_array(fn(nh.to_array(inits[name])).astype(np.float32), name))
+
+    pairs = {t: (n, readers) for t, n, readers in equalization_pairs(model)}
+    for tensor, s in scales.items():
+        if tensor not in pairs:
+            raise BpnetError(f"the calibration's equalization does not fit this network "
+                             f"(tensor {tensor!r}); calibrate again")
+        s = np.asarray(s, np.float32)
+        producer, readers = pairs[tensor]
+        update(producer.input[1], lambda w: w * s.reshape(-1, 1, 1, 1))
+        if len(producer.input) > 2 and producer.input[2]:
+            update(producer.input[2], lambda b: b * s)
+        for r in readers:
+            if _attr(r, "group", 1) == 1:
+                update(r.input[1], lambda w: w / s.reshape(1, -1, 1, 1))
+            else:
+                update(r.input[1], lambda w: w / s.reshape(-1, 1, 1, 1))
+    return model
+
+
+def _dequantized_weights(qproto) -> Dict[str, np.ndarray]:
+    """Conv node -> its weights as the QDQ file computes with them."""
+    from onnx import numpy_helper as nh
+    inits = {i.name: nh.to_array(i) for i in qproto.graph.initializer}
+    made_by = {o: n for n in qproto.graph.node for o in n.output}
+    out = {}
+    for n in qproto.graph.node:
+        dq = made_by.get(n.input[1]) if n.op_type == "Conv" else None
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+            continue
+        q = inits[dq.input[0]].astype(np.float32)
+        shape = (-1,) + (1,) * (q.ndim - 1)
+        scale = np.reshape(inits[dq.input[1]], shape if np.ndim(inits[dq.input[1]]) else ())
+        zero = 0.0
+        if len(dq.input) > 2 and dq.input[2] in inits:
+            z = inits[dq.input[2]].astype(np.float32)
+            zero = np.reshape(z, shape if np.ndim(z) else ())
+        out[n.name] = (q - zero) * scale
+    return out
+
+
+def bias_corrections(proto, ranges: dict, batches) -> Dict[str, np.ndarray]:
+    """Conv node -> the bias change that cancels its rounded weights' mean shift."""
+    from onnx import numpy_helper as nh
+    rounded = _dequantized_weights(quantize(proto, ranges))
+    convs = [n for n in proto.graph.node if n.name in rounded]
+    means = _channel_stats(proto, [n.input[0] for n in convs], batches, "mean")
+    inits = {i.name: i for i in proto.graph.initializer}
+    out = {}
+    for n in convs:
+        err = rounded[n.name] - nh.to_array(inits[n.input[1]])
+        mu = means[n.input[0]]
+        if _attr(n, "group", 1) == 1 and err.shape[1] == len(mu):
+            out[n.name] = -(err.sum(axis=(2, 3)) @ mu)
+        elif _is_depthwise(n, err.shape) and err.shape[0] == len(mu):
+            out[n.name] = -(err.sum(axis=(1, 2, 3)) * mu)
+    return {k: v.astype(np.float32) for k, v in out.items() if np.isfinite(v).all()}
+
+
+def apply_bias_corrections(proto, deltas: Dict[str, Sequence[float]]):
+    """A copy of ``proto`` whose Conv biases are changed by ``deltas`` (added if absent)."""
+    from onnx import numpy_helper as nh
+    model = _copy(proto)
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    for name, d in deltas.items():
+        n = nodes.get(name)
+        if n is None or n.op_type != "Conv":
+            raise BpnetError(f"the calibration's bias correction does not fit this network "
+                             f"(node {name!r}); calibrate again")
+        d = np.asarray(d, np.float32)
+        if len(n.input) > 2 and n.input[2]:
+            b = nh.to_array(inits[n.input[2]]) + d
+            inits[n.input[2]].CopyFrom(nh.from_array(b.astype(np.float32), n.input[2]))
+        else:
+            bias = f"{name}_bias"
+            model.graph.initializer.append(nh.from_array(d, bias))
+            n.input.extend([""] * (3 - len(n.input)))
+            n.input[2] = bias
+    return model
+
+
+def merge_sibling_convs(proto):
+    """A copy of ``proto`` where Convs that read one tensor with one geometry are one Conv.
+
+    Each refinement stage starts with a PAF and a heatmap convolution over the
+    same input; they become one convolution with both filter sets, followed
+    by a Split into the two original outputs (the same numbers). ONNX
+    Runtime fuses a QDQ Conv into its int8 kernel only when the Conv is its
+    input's single reader: left apart, these two stay float and take about
+    half of the INT8 VGG model's time (docs/benchmarks.md#export).
+    """
+    import onnx
+    from onnx import numpy_helper as nh
+    model = _copy(proto)
+    g = model.graph
+    inits, consumers, uses = _graph_maps(g)
+
+    def geometry(n):
+        return tuple((a.name, onnx.helper.get_attribute_value(a).__repr__())
+                     for a in sorted(n.attribute, key=lambda a: a.name))
+
+    groups = []
+    for tensor, readers in consumers.items():
+        convs = [n for n in readers if n.op_type == "Conv" and n.input[0] == tensor
+                 and _attr(n, "group", 1) == 1 and uses.get(n.input[1]) == 1
+                 and (len(n.input) < 3 or not n.input[2] or uses.get(n.input[2]) == 1)]
+        by_geometry: Dict[tuple, list] = {}
+        for n in convs:
+            shape = tuple(inits[n.input[1]].dims[1:])
+            by_geometry.setdefault((geometry(n), shape), []).append(n)
+        groups.extend(ns for ns in by_geometry.values() if len(ns) > 1)
+    for convs in groups:
+        weights = [nh.to_array(inits[n.input[1]]) for n in convs]
+        biases = [nh.to_array(inits[n.input[2]]) if len(n.input) > 2 and n.input[2]
+                  else np.zeros(w.shape[0], np.float32) for n, w in zip(convs, weights)]
+        name = "+".join(n.name for n in convs)
+        merged_out = f"{convs[0].output[0]}_merged"
+        g.initializer.extend([nh.from_array(np.concatenate(weights), f"{name}_W"),
+                              nh.from_array(np.concatenate(biases).astype(np.float32),
+                                            f"{name}_B"),
+                              nh.from_array(np.array([w.shape[0] for w in weights], np.int64),
+                                            f"{name}_split")])
+        merged = onnx.helper.make_node("Conv", [convs[0].input[0], f"{name}_W", f"{name}_B"],
+                                       [merged_out], name=name)
+        merged.attribute.extend(convs[0].attribute)
+        split = onnx.helper.make_node("Split", [merged_out, f"{name}_split"],
+                                      [n.output[0] for n in convs], name=f"{name}_Split", axis=1)
+        at = list(g.node).index(convs[0])
+        for n in convs:
+            g.node.remove(n)
+        g.node.insert(at, split)
+        g.node.insert(at, merged)
+    used = {t for n in g.node for t in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    sort_topologically(g)
+    return model
+
+
+def backbone_nodes(proto) -> set:
+    """Names of the nodes that compute the features every stage reads.
+
+    Those features are the tensor most Concat nodes take (each refinement
+    stage concatenates them with the previous stage's maps); a one-stage
+    network has none, and is refused.
+    """
+    counts: Dict[str, int] = {}
+    for n in proto.graph.node:
+        if n.op_type == "Concat":
+            for t in set(n.input):
+                counts[t] = counts.get(t, 0) + 1
+    if not counts or max(counts.values()) < 2:
+        raise BpnetError("--int8_scope backbone: this network has no refinement stages that "
+                         "share backbone features; use --int8_scope all")
+    features = max(counts, key=counts.get)
+    made_by = {o: n for n in proto.graph.node for o in n.output}
+    keep, todo = set(), [features]
+    while todo:
+        n = made_by.get(todo.pop())
+        if n is not None and n.name not in keep:
+            keep.add(n.name)
+            todo.extend(n.input)
+    return keep
 
 
 # ------------------------------------------------------------------ quantization
@@ -227,8 +585,8 @@ class _OneBatch:
         return len(self._items)
 
 
-def quantize(proto, ranges: dict):
-    """The QDQ ModelProto of an fp32 ModelProto, from computed ranges."""
+def quantize(proto, ranges: dict, nodes: Optional[set] = None):
+    """The QDQ ModelProto of an fp32 ModelProto, from computed ranges (only ``nodes``: those)."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
@@ -246,7 +604,7 @@ def quantize(proto, ranges: dict):
                          f"tensors missing, e.g. {missing[0]!r}); calibrate again")
     ops = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
     q = QDQQuantizer(model, True, False, QuantType.QInt8, QuantType.QInt8,
-                     TensorsData(CalibrationMethod.MinMax, tensors), [], [], ops,
+                     TensorsData(CalibrationMethod.MinMax, tensors), sorted(nodes or []), [], ops,
                      {"ActivationSymmetric": True, "WeightSymmetric": True})
     with _quiet_root_logger():  # ORT logs every bias-scale adjustment on the root logger
         q.quantize_model()
@@ -254,16 +612,58 @@ def quantize(proto, ranges: dict):
     # Keep metadata_props (the bpnet meta) on the quantized model.
     del out.metadata_props[:]
     out.metadata_props.extend(proto.metadata_props)
+    sort_topologically(out.graph)
     return out
 
 
+def sort_topologically(graph):
+    """Order ``graph.node`` so each node comes after the nodes it reads (ONNX requires it).
+
+    ONNX Runtime's quantizer appends the Q/DQ nodes it inserts at the end;
+    ONNX Runtime sorts on load, but the ONNX checker and other readers do not.
+    Stable: nodes keep their relative order where the data flow allows.
+    """
+    known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    waiting = list(graph.node)
+    ordered = []
+    while waiting:
+        rest = []
+        for n in waiting:
+            if all(t in known for t in n.input):
+                ordered.append(n)
+                known.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(waiting):
+            raise BpnetError(f"the quantized graph has a cycle or a missing input (node "
+                             f"{rest[0].name!r}); please report this")
+        waiting = rest
+    copies = [type(n)() for n in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
 class _quiet_root_logger:
+    """ONNX Runtime's quantization tools log on the root logger and print() to stdout (the
+    histogram calibrators' settings): both go to bpnet's debug log instead."""
+
     def __enter__(self):
+        import contextlib
+        import io
         self._level = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)
+        self._buf = io.StringIO()
+        self._redirect = contextlib.redirect_stdout(self._buf)
+        self._redirect.__enter__()
 
     def __exit__(self, *exc):
+        self._redirect.__exit__(*exc)
         logging.getLogger().setLevel(self._level)
+        text = self._buf.getvalue().strip()
+        if text:
+            log.debug("onnxruntime.quantization: %s", " | ".join(text.splitlines()))
 
 
 def _activation_tensors(model) -> set:

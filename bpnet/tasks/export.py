@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import BpnetError
-from ..io import same_file
+from ..io import check_not_input, same_file
 
 log = logging.getLogger("bpnet.export")
 
@@ -36,9 +36,30 @@ def _check_output(out: Path, model_path: Path, what: str):
         raise BpnetError(f"{what} {out}: is the model being exported; give another file name")
 
 
+def _check_outputs_against_inputs(model_path, out, engine_file, experiment_spec, data_type,
+                                  cal_image_dir, cal_data_file, cal_cache_file):
+    """No file this run writes is one it reads, or another file it writes."""
+    int8 = data_type == "int8"
+    writes_cal_data = int8 and bool(cal_image_dir and cal_data_file)
+    writes_cache = int8 and bool(cal_cache_file) and not Path(cal_cache_file).is_file()
+    inputs = [("the model (-m)", model_path), ("the experiment spec (-e)", experiment_spec),
+              ("the calibration data read (--cal_data_file)",
+               cal_data_file if int8 and not writes_cal_data else None),
+              ("the calibration cache read (--cal_cache_file)",
+               cal_cache_file if int8 and not writes_cache else None)]
+    outputs = [("-o", out), ("--engine_file", engine_file),
+               ("--cal_data_file", cal_data_file if writes_cal_data else None),
+               ("--cal_cache_file", cal_cache_file if writes_cache else None)]
+    outputs = [(n, Path(o)) for n, o in outputs if o is not None]
+    for i, (name, path) in enumerate(outputs):
+        others = [(f"the {n} output", o) for n, o in outputs[i + 1:]]
+        check_not_input(path, inputs + others, name)
+
+
 def export(model_path, output_path=None, *, key: Optional[str] = None,
            experiment_spec=None, data_type: str = "fp32", cal_image_dir=None,
            cal_data_file=None, cal_cache_file=None, cal_method: Optional[str] = None,
+           int8_scope: str = "all",
            batches: int = 10, batch_size: int = 1, max_batch_size: int = 1,
            opt_batch_size: int = 1, static_batch_size: int = -1,
            max_workspace_size: Optional[int] = None, engine_file=None,
@@ -65,6 +86,8 @@ def export(model_path, output_path=None, *, key: Optional[str] = None,
         _check_output(Path(engine_file), model_path, "--engine_file")
         if Path(engine_file).resolve() == out.resolve():
             raise BpnetError(f"--engine_file {engine_file}: is the ONNX output file; give another name")
+    _check_outputs_against_inputs(model_path, out, engine_file, experiment_spec, data_type,
+                                  cal_image_dir, cal_data_file, cal_cache_file)
     if static_batch_size == 0 or static_batch_size < -1:
         raise BpnetError(f"--static_batch_size {static_batch_size}: give a batch size >= 1, "
                          "or -1 for a dynamic batch")
@@ -79,6 +102,8 @@ def export(model_path, output_path=None, *, key: Optional[str] = None,
     method = cal_method or q8.DEFAULT_CAL_METHOD
     if method not in q8.CAL_METHODS:
         raise BpnetError(f"--cal_method {method!r}: choose one of {', '.join(q8.CAL_METHODS)}")
+    if int8_scope not in q8.SCOPES:
+        raise BpnetError(f"--int8_scope {int8_scope!r}: choose one of {', '.join(q8.SCOPES)}")
     if data_type == "int8":
         cache_ok = cal_cache_file and Path(cal_cache_file).is_file()
         if not (cal_image_dir or cal_data_file or cache_ok):
@@ -128,8 +153,8 @@ def export(model_path, output_path=None, *, key: Optional[str] = None,
         from ..export.fp16 import to_fp16
         proto = to_fp16(proto)
     elif data_type == "int8":
-        proto, cal = _int8(proto, parsed, sha, method, dims, batch, cal_image_dir, cal_data_file,
-                           cal_cache_file, batches, batch_size, status, progress)
+        proto, cal = _int8(proto, parsed, sha, method, int8_scope, dims, batch, cal_image_dir,
+                           cal_data_file, cal_cache_file, batches, batch_size, status, progress)
         summary.update(cal)
     save_onnx(proto, out)
     log.info("wrote %s (%s, %.1f MB)", out, data_type, out.stat().st_size / 1e6)
@@ -163,17 +188,17 @@ def _apply_experiment_spec(meta: dict, spec_path, model_path) -> dict:
     return meta
 
 
-def _int8(proto, parsed, sha, method, dims, batch, cal_image_dir, cal_data_file, cal_cache_file,
-          batches, batch_size, status, progress):
+def _int8(proto, parsed, sha, method, scope, dims, batch, cal_image_dir, cal_data_file,
+          cal_cache_file, batches, batch_size, status, progress):
     from ..export import int8 as q8
     from ..export.onnx import graph_fingerprint
     from ..infer.preprocess import Normalization
     info = {"cal_method": method}
+    proto = q8.merge_sibling_convs(proto)
     graph_sha = graph_fingerprint(proto)
-    ranges = None
     if cal_cache_file and Path(cal_cache_file).is_file():
         doc = q8.read_cache(cal_cache_file, sha, method, graph_sha)
-        ranges = doc["ranges"]
+        cal = q8.Calibration.from_cache(doc)
         info.update(cal_cache="reused", cal_images=doc.get("images"))
         log.info("INT8: ranges from %s (%s images, %s)", cal_cache_file, doc.get("images"), method)
     else:
@@ -198,13 +223,12 @@ def _int8(proto, parsed, sha, method, dims, batch, cal_image_dir, cal_data_file,
             data = data[:want]
         if status is not None:
             status.progress(0, message=f"calibrating on {len(data)} pictures ({method})")
-        ranges = q8.compute_ranges(proto, q8.batches_of(data, batch_size, batch), method,
-                                   progress)
+        cal = q8.calibrate(proto, q8.batches_of(data, batch_size, batch), method, progress)
         info.update(cal_images=int(len(data)), cal_input_hw=list(data.shape[1:3]))
         if cal_cache_file:
-            q8.write_cache(cal_cache_file, sha, method, ranges, len(data), data.shape[1:3],
+            q8.write_cache(cal_cache_file, sha, method, cal, len(data), data.shape[1:3],
                            graph_sha)
             info["cal_cache"] = "written"
-    qproto = q8.quantize(proto, ranges)
-    info.update(q8.count_qdq(qproto))
+    qproto = q8.quantize_calibrated(proto, cal, scope)
+    info.update(q8.count_qdq(qproto), int8_scope=scope)
     return qproto, info
