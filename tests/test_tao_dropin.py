@@ -312,3 +312,34 @@ def test_tao_optimizer_weights_are_honoured():
     with pytest.raises(BpnetError, match="did you mean 'paf_out/bias'"):
         weights(True, grad_weights_dict={"paf_out/bais": 2.0})
     keras.backend.clear_session()
+
+
+def test_inference_spec_model_path_with_tao_name_runs_the_bpnet_model(tmp_path):
+    """An inference spec whose model_path is TAO's ``bpnet_model.hdf5`` (no -m) runs the
+    ``bpnet_model.keras`` beside it, in every runtime's loader."""
+    import dataclasses
+
+    import yaml
+    from conftest import SHARED_IMAGES
+
+    from bpnet.model.build import build_model
+    from bpnet.model.io import save_model
+    from bpnet.model.meta import make_meta
+    from bpnet.pose import load_pose_config
+    from bpnet.specs import ModelConfig, default_pose_config_path
+    picture = need(SHARED_IMAGES / "ski.jpg")
+    pose = load_pose_config(default_pose_config_path())
+    cfg = ModelConfig(class_name="BpNetLiteModel", stages=1, width_multiplier=0.0625,
+                      heat_channels=pose.heat_channels, paf_channels=pose.paf_channels)
+    save_model(build_model(cfg, pose), tmp_path / "bpnet_model.keras",
+               make_meta(pose, {"image_scale": [256.0] * 3, "image_offset": [0.5] * 3},
+                         dataclasses.asdict(cfg), num_stages=1))
+    spec = tmp_path / "infer_spec.yaml"
+    spec.write_text(yaml.safe_dump({"model_path": str(tmp_path / "bpnet_model.hdf5"),
+                                    "input_shape": [96, 96]}))
+    res = _run("inference", "-i", spec, "--input", picture, "-r", tmp_path / "r")
+    doc = json.loads((tmp_path / "r" / "detections.json").read_text())
+    assert res.exit_code == 0
+    assert [Path(e["full_image_path"]).name for e in doc["images"]] == ["ski.jpg"]
+    assert Path(doc["inference_spec"]["model_path"]).name == "bpnet_model.keras", \
+        doc["inference_spec"]
