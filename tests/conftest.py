@@ -73,3 +73,28 @@ def keras_to_onnx(model, meta: dict, out_path, input_shape=(None, None, None, 3)
     proto = convert(model, batch=b, input_hw=None if h is None else (h, w), channels=c)
     meta = {k: v for k, v in meta.items() if k != "num_stages"}  # the file has one stage
     return save_onnx(set_meta(proto, meta), out_path)
+
+
+# ------------------------------------------------------------------ tiny model files
+
+def save_tiny_model(path, pose, *, cls="BpNetLiteModel", stages=2, seed=0, key=None,
+                    norm=None):
+    """A tiny randomly initialised bpnet model (1/16 width, Xavier weights) for ``pose``, saved
+    with its meta at ``path``; returns (path, model, meta)."""
+    import dataclasses
+
+    import keras
+
+    from bpnet.model.build import build_model
+    from bpnet.model.io import save_model
+    from bpnet.model.meta import make_meta
+    from bpnet.specs import ModelConfig
+    cfg = ModelConfig(class_name=cls, stages=stages, width_multiplier=0.0625,
+                      heat_channels=pose.heat_channels, paf_channels=pose.paf_channels,
+                      kernel_initializer="xavier")
+    keras.utils.set_random_seed(seed)
+    model = build_model(cfg, pose)
+    meta = make_meta(pose, norm or {"image_scale": [256.0] * 3, "image_offset": [0.5] * 3},
+                     dataclasses.asdict(cfg), num_stages=stages)
+    save_model(model, path, meta, key=key)
+    return path, model, meta

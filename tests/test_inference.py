@@ -16,9 +16,9 @@ from bpnet.infer.preprocess import plan_geometry
 from bpnet.infer.runners import Runner, load_runner
 from bpnet.model.meta import make_meta
 from bpnet.pose import load_pose_config, pose_config_from_dict
-from bpnet.specs import InferenceSpec, ModelConfig, default_pose_config_path
+from bpnet.specs import InferenceSpec, default_pose_config_path
 from conftest import (COCO_VAL_ANN, DEMO_VIDEO, SHARED_IMAGES, TFPOSE_PB, invoke, keras_to_onnx,
-                      need)
+                      need, save_tiny_model)
 from test_preprocess import _match_error, _mirror
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -41,16 +41,7 @@ def _meta(pose, cfg):
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """A tiny randomly initialised bpnet model for the 5-joint config, saved with io.save_model."""
-    from bpnet.model.build import build_model
-    from bpnet.model.io import save_model
-    cfg = ModelConfig(class_name="BpNetLiteModel", stages=2, width_multiplier=0.0625,
-                      heat_channels=POSE5.heat_channels, paf_channels=POSE5.paf_channels,
-                      kernel_initializer="xavier")
-    keras.utils.set_random_seed(0)
-    model = build_model(cfg, POSE5)
-    path = tmp_path_factory.mktemp("tiny") / "tiny.keras"
-    save_model(model, path, _meta(POSE5, cfg))
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.keras", POSE5, seed=0)[0]
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """Runtimes (Keras, ONNX Runtime, OpenVINO), the threaded detection pipeline, interrupted and
 repeated inference runs, and the video input checks."""
 
-import dataclasses
 import json
 import sys
 import threading
@@ -13,10 +12,10 @@ import pytest
 
 from bpnet.errors import BpnetError
 from bpnet.infer.runners import choose_runtime, load_runner, runtime_installed
-from bpnet.model.meta import make_meta
 from bpnet.pose import pose_config_from_dict
-from bpnet.specs import InferenceSpec, ModelConfig
-from conftest import DEMO_VIDEO, SHARED_IMAGES, TFPOSE_PB, invoke, keras_to_onnx, need
+from bpnet.specs import InferenceSpec
+from conftest import (DEMO_VIDEO, SHARED_IMAGES, TFPOSE_PB, invoke, keras_to_onnx, need,
+                      save_tiny_model)
 
 keras = pytest.importorskip("keras")
 
@@ -33,17 +32,8 @@ ONNX_RUNTIMES = [pytest.param(rt, marks=pytest.mark.skipif(not runtime_installed
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random lite model (5 joints) and its ONNX file."""
-    from bpnet.model.build import build_model
-    from bpnet.model.io import save_model
-    cfg = ModelConfig(class_name="BpNetLiteModel", stages=2, width_multiplier=0.0625,
-                      heat_channels=POSE5.heat_channels, paf_channels=POSE5.paf_channels,
-                      kernel_initializer="xavier")
-    keras.utils.set_random_seed(1)
-    model = build_model(cfg, POSE5)
     d = tmp_path_factory.mktemp("tiny_rt")
-    meta = make_meta(POSE5, {"image_scale": [256.0] * 3, "image_offset": [0.5] * 3},
-                     dataclasses.asdict(cfg), num_stages=cfg.stages)
-    save_model(model, d / "tiny.keras", meta)
+    _, model, meta = save_tiny_model(d / "tiny.keras", POSE5, seed=1)
     onnx_file = keras_to_onnx(model, meta, d / "tiny.onnx")
     return {"keras": d / "tiny.keras", "onnx": onnx_file}
 

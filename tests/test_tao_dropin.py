@@ -317,23 +317,14 @@ def test_tao_optimizer_weights_are_honoured():
 def test_inference_spec_model_path_with_tao_name_runs_the_bpnet_model(tmp_path):
     """An inference spec whose model_path is TAO's ``bpnet_model.hdf5`` (no -m) runs the
     ``bpnet_model.keras`` beside it, in every runtime's loader."""
-    import dataclasses
-
     import yaml
-    from conftest import SHARED_IMAGES
+    from conftest import SHARED_IMAGES, save_tiny_model
 
-    from bpnet.model.build import build_model
-    from bpnet.model.io import save_model
-    from bpnet.model.meta import make_meta
     from bpnet.pose import load_pose_config
-    from bpnet.specs import ModelConfig, default_pose_config_path
+    from bpnet.specs import default_pose_config_path
     picture = need(SHARED_IMAGES / "ski.jpg")
-    pose = load_pose_config(default_pose_config_path())
-    cfg = ModelConfig(class_name="BpNetLiteModel", stages=1, width_multiplier=0.0625,
-                      heat_channels=pose.heat_channels, paf_channels=pose.paf_channels)
-    save_model(build_model(cfg, pose), tmp_path / "bpnet_model.keras",
-               make_meta(pose, {"image_scale": [256.0] * 3, "image_offset": [0.5] * 3},
-                         dataclasses.asdict(cfg), num_stages=1))
+    save_tiny_model(tmp_path / "bpnet_model.keras", load_pose_config(default_pose_config_path()),
+                    stages=1)
     spec = tmp_path / "infer_spec.yaml"
     spec.write_text(yaml.safe_dump({"model_path": str(tmp_path / "bpnet_model.hdf5"),
                                     "input_shape": [96, 96]}))
