@@ -285,9 +285,12 @@ def equalization_pairs(proto) -> List[Tuple[str, object, list]]:
     """
     from onnx import numpy_helper as nh
     inits, consumers, uses = _graph_maps(proto.graph)
+    graph_outputs = {o.name for o in proto.graph.output}
     pairs = []
     for n in proto.graph.node:
         if n.op_type != "Conv" or len(n.input) < 2 or uses.get(n.input[1]) != 1:
+            continue
+        if n.output[0] in graph_outputs:  # scaling it would change what the model returns
             continue
         if len(n.input) > 2 and n.input[2] and uses.get(n.input[2]) != 1:
             continue
@@ -295,6 +298,8 @@ def equalization_pairs(proto) -> List[Tuple[str, object, list]]:
         if len(readers) == 1 and readers[0].op_type == "Relu":
             tensor = readers[0].output[0]
             readers = consumers.get(tensor, [])
+            if tensor in graph_outputs:
+                continue
         if not readers or any(r.op_type != "Conv" or r.input[0] != tensor
                               or uses.get(r.input[1]) != 1 for r in readers):
             continue
