@@ -162,12 +162,11 @@ def model_file_option(ctx, param, value):
     own model files (.tlt, Keras 2 HDF5) refused with what to use instead."""
     if value is None:
         return value
-    from .tao_files import resolve_model_path, tao_model_problem
-    path = resolve_model_path(value)
-    problem = tao_model_problem(path, "-m")
-    if problem:
-        _die(ctx.info_name, problem)
-    return path
+    from .tao_files import checked_model_path
+    try:
+        return checked_model_path(value, "-m")
+    except BpnetError as e:
+        _die(ctx.info_name, str(e))
 
 
 def default_inference_spec() -> str:

@@ -76,3 +76,14 @@ def tao_model_problem(path, what: str) -> str | None:
         return (f"{what} {p}: not found. bpnet writes its models as .keras (bpnet_model.keras, "
                 f"model.epoch-N.keras), not TAO's {suffix}{there}. {HOW_TO}")
     return None
+
+
+def checked_model_path(path, what: str) -> str:
+    """``resolve_model_path(path)``, or a BpnetError with ``tao_model_problem``'s line when
+    that is a TAO model or TAO name bpnet cannot load: the one check every model reader makes."""
+    from .errors import BpnetError
+    resolved = resolve_model_path(path)
+    problem = tao_model_problem(resolved, what)
+    if problem:
+        raise BpnetError(problem)
+    return resolved

@@ -547,11 +547,8 @@ def load_runner(path, key: Optional[str] = None, stage: Optional[int] = None,
     if path is None or str(path) == "":
         raise BpnetError("no model given: pass -m/--model_filename or set model_path in the "
                          "inference spec")
-    from ..tao_files import resolve_model_path, tao_model_problem
-    p = Path(resolve_model_path(path))  # TAO's bpnet_model.hdf5 -> bpnet_model.keras
-    problem = tao_model_problem(p, "model")
-    if problem:
-        raise BpnetError(problem)
+    from ..tao_files import checked_model_path
+    p = Path(checked_model_path(path, "model"))  # TAO's bpnet_model.hdf5 -> bpnet_model.keras
     if not p.exists():
         raise BpnetError(f"{p}: model file not found")
     if p.is_dir():

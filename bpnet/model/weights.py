@@ -41,11 +41,8 @@ def load_model_file(path, key, what: str):
 
     ``what`` names the file's role in messages ("pretrained_weights", "checkpoint").
     """
-    from ..tao_files import resolve_model_path, tao_model_problem
-    p = Path(resolve_model_path(path))
-    problem = tao_model_problem(p, what)
-    if problem:
-        raise BpnetError(problem)
+    from ..tao_files import checked_model_path
+    p = Path(checked_model_path(path, what))
     if not p.exists():
         raise BpnetError(f"{what} {p}: file not found")
     if p.is_dir():

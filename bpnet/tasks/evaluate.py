@@ -147,17 +147,14 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
     from ..infer.sources import Item
     from ..io import atomic_path
     from ..specs import load_inference_spec
-    from ..tao_files import resolve_model_path, tao_model_problem
+    from ..tao_files import checked_model_path
 
     infer_spec = load_inference_spec(inference_spec_path)
     if model_path is None and infer_spec.model_path is None:
         raise BpnetError(f"{inference_spec_path}: no model: give -m/--model_filename or set model_path")
     # TAO's names of bpnet files (bpnet_model.hdf5) stand for them; TAO's own models cannot load.
     what = "-m" if model_path is not None else f"{inference_spec_path}: model_path"
-    model_path = resolve_model_path(model_path or infer_spec.model_path)
-    problem = tao_model_problem(model_path, what)
-    if problem:
-        raise BpnetError(problem)
+    model_path = checked_model_path(model_path or infer_spec.model_path, what)
     spec, coco, images_dir = load_ground_truth(dataset_spec_path)
     cat = spec.category
 
