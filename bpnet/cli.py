@@ -240,10 +240,26 @@ def dataset_convert_cmd(dataset_spec, output_filename, mode, num_partitions, num
 @click.option("--image_size", type=(int, int), default=(256, 256), show_default=True,
               metavar="H W", help="Image height and width in pixels.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--style", type=click.Choice(["blocks", "sticks"]), default="blocks",
+              show_default=True,
+              help="blocks: thick colour-coded figures on a generated texture (the quick start's "
+                   "data); sticks: thin stick figures, front or back view, over photo mosaics "
+                   "(a second set for checking that a recipe carries over).")
+@click.option("--backgrounds", type=click.Path(file_okay=False), default=None,
+              help="sticks only: a folder of photos to cut the backgrounds from ('none': the "
+                   "generated texture). Default: ../shared/data/coco_tiny when present.")
 @common_options(default_results="results/make_sample_data")
-def make_sample_data_cmd(output_dir, num_train, num_val, image_size, seed, results_dir, log_level):
+def make_sample_data_cmd(output_dir, num_train, num_val, image_size, seed, style, backgrounds,
+                         results_dir, log_level):
     """Write a small synthetic COCO-format keypoint dataset (for smoke runs and tests)."""
     def body(status):
+        if style == "sticks":
+            from .data.synthetic_sticks import make_sticks_dataset
+            bg = False if backgrounds == "none" else backgrounds
+            return make_sticks_dataset(output_dir, num_train=num_train, num_val=num_val,
+                                       image_size=tuple(image_size), seed=seed, backgrounds=bg)
+        if backgrounds is not None:
+            raise BpnetError("--backgrounds applies to --style sticks only")
         from .data.synthetic import make_sample_dataset
         return make_sample_dataset(output_dir, num_train=num_train, num_val=num_val,
                                    image_size=tuple(image_size), seed=seed)
