@@ -593,11 +593,18 @@ class FocalLossParams:
     gamma: float = 1.0
 
 
+LOSS_NORMALIZATIONS = ("sum", "cells")
+
+
 @dataclass
 class LossConfig:
     CLASS_NAMES = ("BpNetLoss", "BpNetFocalLoss")
     class_name: str = "BpNetLoss"
     focal_loss_params: Optional[FocalLossParams] = field(default_factory=FocalLossParams)
+    # bpnet extension. "sum" (TAO's): summed over map cells and channels, divided by
+    # the batch. "cells": that, further divided by the label maps' cells h x w, so one
+    # learning rate suits any input size (bpnet.model.loss).
+    normalization: str = choice_field("sum", LOSS_NORMALIZATIONS)
 
     def __post_init__(self):
         if self.focal_loss_params is None:  # TAO's null: the plain loss
@@ -651,26 +658,74 @@ class LearningRateSchedule:
         return out
 
 
+OPTIMIZER_CLASSES = ("WeightedMomentumOptimizer", "AdamOptimizer", "AdamWOptimizer")
+ADAM_CLASSES = ("AdamOptimizer", "AdamWOptimizer")
+# The Adam keys' defaults (Keras' Adam; weight_decay is AdamW's decoupled decay).
+ADAM_DEFAULTS = {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7, "weight_decay": 1e-4}
+
+
 @dataclass
 class OptimizerConfig:
-    CLASS_NAMES = ("WeightedMomentumOptimizer",)
+    CLASS_NAMES = OPTIMIZER_CLASSES
     class_name: str = "WeightedMomentumOptimizer"
+    # Momentum SGD's (WeightedMomentumOptimizer); the Adam classes' momentum is beta_1.
     momentum: float = 0.9
     use_nesterov: bool = False
     learning_rate_schedule: LearningRateSchedule = field(default_factory=LearningRateSchedule)
     # TAO's per-variable gradient weights: {variable name: weight}, over the
     # stagewise multipliers (TAO's trainer drops this dict; bpnet honours it),
-    # and the weight of every variable that has none (TAO's meaning).
+    # and the weight of every variable that has none (TAO's meaning). For the
+    # Adam classes they multiply the variable's learning rate.
     grad_weights_dict: Optional[Dict[str, float]] = None
     weight_default_value: float = 1.0
     # TAO's base learning rate is for one GPU; scale it by the replica count.
     scale_learning_rate_by_replicas: bool = True
+    # bpnet extensions. AdamOptimizer / AdamWOptimizer only (null: ADAM_DEFAULTS).
+    beta_1: Optional[float] = None
+    beta_2: Optional[float] = None
+    epsilon: Optional[float] = None
+    weight_decay: Optional[float] = None  # AdamWOptimizer only: decoupled, on kernels
+    # Every class: clip the global batch's gradient to this global L2 norm (null or 0: off).
+    gradient_clip_norm: Optional[float] = None
+
+    def adam_settings(self) -> dict:
+        """beta_1, beta_2, epsilon and weight_decay, the defaults filled in."""
+        return {k: d if getattr(self, k) is None else getattr(self, k)
+                for k, d in ADAM_DEFAULTS.items()}
+
+    @property
+    def clip_norm(self) -> Optional[float]:
+        """The clipping bound, or None when clipping is off."""
+        return self.gradient_clip_norm or None
 
     def check(self):
         if not 0.0 <= self.momentum < 1.0:
             return [("momentum", f"must be in [0, 1), got {self.momentum}")]
         if self.weight_default_value < 0:
             return [("weight_default_value", f"must be >= 0, got {self.weight_default_value}")]
+        if self.gradient_clip_norm is not None and self.gradient_clip_norm < 0:
+            return [("gradient_clip_norm", f"must be > 0 (or 0 / null: no clipping), got "
+                     f"{self.gradient_clip_norm}")]
+        adam = self.class_name in ADAM_CLASSES
+        for key in ("beta_1", "beta_2", "epsilon", "weight_decay"):
+            if getattr(self, key) is not None and not adam:
+                return [(key, f"is a key of AdamOptimizer and AdamWOptimizer, not of "
+                         f"{self.class_name}; set __class_name__ or drop the key")]
+        if self.weight_decay is not None and self.class_name != "AdamWOptimizer":
+            return [("weight_decay", "is AdamWOptimizer's key (decoupled weight decay); "
+                     "use __class_name__: AdamWOptimizer, or for an L2 penalty "
+                     "model.kernel_regularization_factor")]
+        if self.use_nesterov and adam:
+            return [("use_nesterov", f"is momentum SGD's key; {self.class_name} has no "
+                     "Nesterov variant")]
+        a = self.adam_settings()
+        for key in ("beta_1", "beta_2"):
+            if not 0.0 <= a[key] < 1.0:
+                return [(key, f"must be in [0, 1), got {a[key]}")]
+        if a["epsilon"] <= 0:
+            return [("epsilon", f"must be > 0, got {a['epsilon']}")]
+        if a["weight_decay"] < 0:
+            return [("weight_decay", f"must be >= 0, got {a['weight_decay']}")]
         return []
 
 
@@ -703,6 +758,9 @@ class TrainSpec:
         "summary_every_n_steps")
     infer_every_n_epoch: Optional[int] = None
     validation_every_n_epoch: int = 1
+    # bpnet extension: COCO keypoint AP at every validation on at most this many images of
+    # the val split's ground truth (the first by image id; null: all; 0: AP off).
+    validation_ap_max_images: Optional[int] = 500
     max_ckpt_to_keep: int = 5
     steps_per_epoch: Optional[int] = None  # bpnet extension; None: one pass over the records
     dataloader: DataloaderConfig = field(default_factory=DataloaderConfig)
@@ -732,6 +790,9 @@ class TrainSpec:
                         f"{[dims.height // STRIDE, dims.width // STRIDE]}"))
         if self.steps_per_epoch is not None and self.steps_per_epoch <= 0:
             out.append(("steps_per_epoch", "must be > 0"))
+        if self.validation_ap_max_images is not None and self.validation_ap_max_images < 0:
+            out.append(("validation_ap_max_images", "must be >= 0 (0: no validation AP; "
+                        "null: every image)"))
         return out
 
 

@@ -68,7 +68,10 @@ def tao_model_problem(path, what: str) -> str | None:
             kind = "TAO's encrypted model format"
         else:
             return None
-        return f"{what} {p}: {kind}, which bpnet cannot read. {HOW_TO}"
+        imagenet = (". For a VGG spec, pretrained_weights also takes Keras' ImageNet VGG19 "
+                    "weights file (vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5)"
+                    if what == "pretrained_weights" and head == HDF5_MAGIC else "")
+        return f"{what} {p}: {kind}, which bpnet cannot read. {HOW_TO}{imagenet}"
     if suffix in TAO_MODEL_SUFFIXES and not p.exists():
         found = _bpnet_models_beside(p)
         there = (f"; in {p.parent} there are: {', '.join(found[:5])}" if found

@@ -151,7 +151,19 @@ class KerasRunner(Runner):
     def __init__(self, path, key: Optional[str] = None, stage: Optional[int] = None):
         from ..model.io import load_model
         model, meta = load_model(str(path), key=key)
-        self.path = str(path)
+        self._setup(model, meta, str(path), stage)
+
+    @classmethod
+    def from_model(cls, model, meta: dict, stage: Optional[int] = None,
+                   source: str = "<in-memory model>") -> "KerasRunner":
+        """A runner over a Keras model object and its meta (no file): it shares the model's
+        weights, so it sees them as they change (validation during training)."""
+        runner = cls.__new__(cls)
+        runner._setup(model, meta, source, stage)
+        return runner
+
+    def _setup(self, model, meta: dict, path: str, stage: Optional[int]):
+        self.path = path
         self._init_meta(meta, self.path)
         from ..model.build import num_stages_of, stage_model
         T = num_stages_of(model)
@@ -184,7 +196,8 @@ class KerasRunner(Runner):
 
     def run(self, batch):
         outs = self._fn(np.ascontiguousarray(batch, dtype=np.float32))
-        outs = [np.asarray(o) for o in outs]
+        # float32 also from a mixed-precision (float16) model in training.
+        outs = [np.asarray(o, dtype=np.float32) for o in outs]
         return _split_outputs(outs, self.pose, self.path)
 
 

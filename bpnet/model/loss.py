@@ -9,7 +9,22 @@ counts, broadcast over channels):
     L = sum_t (L_heat(t) + L_paf(t)) + regularization losses of the model
 
 B is the batch size (under tf.distribute: the global batch size, so the
-replicas' summed gradients equal one device's).
+replicas' summed gradients equal one device's). That is TAO's loss, the
+default (``loss.normalization: sum``).
+
+With ``loss.normalization: cells`` every term is further divided by the
+number of label-map cells h * w (the heatmap's height times width; masked
+cells count, channels and stages are still summed):
+
+    L_heat(t) = 0.5 * sum(((P_heat(t) - G_heat) * M) ** 2) / (B * h * w)
+
+The summed loss grows with the map: the same people at twice the input side
+give about four times the loss and gradient, so a learning rate tuned at one
+size acts about four times larger at the other. Per cell, one learning rate
+suits every input size. The model's regularization losses are not divided:
+relative to the data loss, an L2 kernel regularizer weighs about h * w times
+more than under ``sum`` (see docs/train.md; with ``cells`` prefer AdamW's
+decoupled ``weight_decay`` and ``kernel_regularization_factor: 0``).
 
 Focal variant (LossConfig class ``BpNetFocalLoss``, or TAO's ``BpNetLoss`` with
 ``focal_loss_params.use_focal_loss: true``; parameters alpha, beta,
@@ -35,6 +50,8 @@ from typing import Dict, Optional, Sequence
 from keras import ops
 
 from bpnet.errors import BpnetError
+
+NORMALIZATIONS = ("sum", "cells")
 
 
 def _focal_weight(pred, gt, alpha, beta, bkg_thresh, gamma):
@@ -63,26 +80,32 @@ class BpNetLoss:
     ``labels`` is the pipeline's {"heatmap", "paf", "mask"}; ``outputs`` the
     model's [heatmaps per stage..., PAFs per stage...]. The per-stage dict has
     ``heatmap_stage{t}`` and ``paf_stage{t}`` (already divided by the batch
-    size) for logging. Regularization is not included: add
+    size, and with ``normalization="cells"`` by the map's cells) for logging. Regularization is not included: add
     :func:`regularization_loss` of the model.
     """
 
-    def __init__(self, num_stages: int, focal=None, global_batch_size: Optional[int] = None):
+    def __init__(self, num_stages: int, focal=None, global_batch_size: Optional[int] = None,
+                 normalization: str = "sum"):
         if num_stages < 1:
             raise BpnetError(f"loss: num_stages must be >= 1, got {num_stages}")
+        if normalization not in NORMALIZATIONS:
+            raise BpnetError(f"loss: normalization {normalization!r} is not one of "
+                             f"{', '.join(NORMALIZATIONS)}")
         self.num_stages = int(num_stages)
         self.focal = focal
         self.global_batch_size = global_batch_size
+        self.normalization = normalization
 
     @classmethod
     def from_config(cls, loss_cfg, num_stages: int, global_batch_size: Optional[int] = None):
         name = getattr(loss_cfg, "class_name", "BpNetLoss")
         focal = getattr(loss_cfg, "focal_loss_params", None)
+        norm = getattr(loss_cfg, "normalization", "sum")
         # TAO's switch: focal_loss_params.use_focal_loss selects the focal variant.
         if name == "BpNetFocalLoss" or (name == "BpNetLoss" and getattr(focal, "use_focal_loss", False)):
-            return cls(num_stages, focal, global_batch_size)
+            return cls(num_stages, focal, global_batch_size, norm)
         if name == "BpNetLoss":
-            return cls(num_stages, None, global_batch_size)
+            return cls(num_stages, None, global_batch_size, norm)
         raise BpnetError(f"loss: unknown class {name!r}; use BpNetLoss or BpNetFocalLoss")
 
     def __call__(self, labels: Dict, outputs: Sequence):
@@ -96,6 +119,10 @@ class BpNetLoss:
             batch = float(self.global_batch_size)
         else:
             batch = ops.cast(ops.shape(heat_gt)[0], "float32")
+        if self.normalization == "cells":
+            shape = ops.shape(heat_gt)
+            batch = ops.multiply(batch, ops.multiply(ops.cast(shape[1], "float32"),
+                                                     ops.cast(shape[2], "float32")))
         per_stage = {}
         total = 0.0
         for t in range(1, T + 1):

@@ -53,16 +53,20 @@ def load_model_file(path, key, what: str):
     except BpnetError:
         raise
     except Exception as e:  # zip/h5/JSON errors all mean an unreadable file
-        raise BpnetError(f"{what} {p}: not a readable model file ({type(e).__name__}: {e})") from e
+        takes = ("; pretrained_weights takes a bpnet model file (.keras) or, for a VGG spec, "
+                 "Keras' ImageNet VGG19 weights file (.h5)" if what == "pretrained_weights" else "")
+        raise BpnetError(f"{what} {p}: not a readable model file "
+                         f"({type(e).__name__}: {e}){takes}") from e
 
 
 def copy_weights_by_name(src, dst) -> dict:
     """Copy ``src``'s weights into ``dst`` layer by layer, matching layer names.
 
     Returns {"loaded": [names], "skipped": [(name, reason)], "missing": [names
-    of dst layers with weights that src lacks]}. A layer is copied only when
-    every one of its weights has the same shape; otherwise it keeps its
-    initial values (e.g. output layers of a different pose config).
+    of dst layers with weights that src lacks], "unused": [names of src layers
+    with weights that dst lacks]}. A layer is copied only when every one of its
+    weights has the same shape; otherwise it keeps its initial values (e.g.
+    output layers of a different pose config).
     """
     s_layers = weighted_layers(src)
     loaded, skipped, missing = [], [], []
@@ -81,7 +85,9 @@ def copy_weights_by_name(src, dst) -> dict:
             continue
         layer.set_weights(sw)
         loaded.append(name)
-    return {"loaded": loaded, "skipped": skipped, "missing": missing}
+    d_names = set(weighted_layers(dst))
+    unused = [name for name in s_layers if name not in d_names]
+    return {"loaded": loaded, "skipped": skipped, "missing": missing, "unused": unused}
 
 
 def clone_with_policy(model, policy: str):

@@ -13,15 +13,18 @@ from TF_CONFIG). The loop owns everything TAO leaves to Horovod hooks:
   with the same step, learning rate and optimizer state. Each epoch's input
   order and augmentation are seeded from (random_seed, epoch), so a resumed
   run replays exactly the batches the uninterrupted run would have seen;
-* validation loss on the val records (TAO reads them but never uses them);
+* validation loss on the val records (TAO reads them but never uses them),
+  and COCO keypoint AP on the val split's images, with the best-AP model
+  kept as ``best_model.keras`` (``val_ap``);
 * TensorBoard scalars, a progress bar, status.json, a NaN-loss stop;
 * the final model saved with its pose config, normalization and stride.
 
 The package: ``distribute`` (TF_CONFIG, strategy, the chief's broadcast),
 ``checkpoints`` (paths, state file, save, load, pruning), ``loop`` (the
 run's records and the epochs), ``metrics`` (TensorBoard scalars, joint peak
-hits). TensorFlow and Keras are imported inside the functions, never at
-module import, so ``bpnet --help`` stays fast.
+hits), ``val_ap`` (validation AP, the best model). TensorFlow and Keras are
+imported inside the functions, never at module import, so ``bpnet --help``
+stays fast.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from .distribute import (
     tf_config,
     worker_folder,
 )
+from .val_ap import BEST_MODEL_NAME
 
 log = logging.getLogger("bpnet.train")
 
@@ -54,6 +58,9 @@ class TrainResult:
     val_loss: float | None
     val_history: list[dict]
     resumed_from_epoch: int
+    best_ap: float | None = None  # the highest validation AP of the run (None: AP off)
+    best_epoch: int | None = None  # the epoch it was measured at (0: before training)
+    best_model: str | None = None  # best_model.keras, the model of that epoch
 
     def as_status(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "val_history"}
@@ -134,14 +141,39 @@ def _check_pretrained(spec):
     """TAO's names of bpnet files resolved, TAO's own model files refused, before the run."""
     if not spec.pretrained_weights:
         return spec
+    from ..model.imagenet import check_vgg19_start, is_keras_weights_file
     from ..tao_files import resolve_model_path, tao_model_problem
     path = resolve_model_path(spec.pretrained_weights)
+    if is_keras_weights_file(path):
+        # Keras applications' ImageNet VGG19 weights (model/imagenet.py), not a model file.
+        if spec.load_graph:
+            raise BpnetError(f"pretrained_weights {path}: Keras weights (no model) cannot be "
+                             "trained whole; load_graph needs a bpnet model file. Set "
+                             "load_graph: false to start the spec's VGG backbone from them")
+        check_vgg19_start(path, spec.model, spec.dataloader.image_config.image_dims.channels)
+        return dataclasses.replace(spec, pretrained_weights=path)
     problem = tao_model_problem(path, "pretrained_weights")
     if problem:
         if not spec.load_graph:
             problem += "; or set pretrained_weights: null to train from scratch"
         raise BpnetError(problem)
+    _check_model_file_head(path)
     return dataclasses.replace(spec, pretrained_weights=path)
+
+
+def _check_model_file_head(path):
+    """A file that is no bpnet model (by its first bytes) fails before the model is built."""
+    from ..model.imagenet import WEIGHTS_FILE
+    from ..tao_files import BPNET_MAGICS
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return  # missing or unreadable: load_model_file says so
+    if not head.startswith(BPNET_MAGICS):
+        raise BpnetError(f"pretrained_weights {path}: neither a bpnet model file (a .keras "
+                         "archive or an encrypted bpnet model) nor Keras' ImageNet VGG19 "
+                         f"weights file ({WEIGHTS_FILE}, for a VGG spec)")
 
 
 def _check_not_overwritten(spec, results: Path):
@@ -240,10 +272,14 @@ def _run(cfg, status, t_start) -> TrainResult:
     start_epoch = state.epoch
     if loop.starts_fresh(cfg, state):
         loop.warm_start_bn(cfg, net)
-    loop.validate_untrained(cfg, net, state)
+    ap = None
+    if cfg.has_val and cfg.chief:
+        from .val_ap import make_val_ap
+        ap = make_val_ap(spec, cfg.spec_path, net.model, loop.model_meta(cfg, net))
+    loop.validate_untrained(cfg, net, state, ap)
     writer = tf.summary.create_file_writer(str(cfg.results / "events")) if cfg.chief else None
     try:
-        loop.fit(cfg, net, state, writer, status)
+        loop.fit(cfg, net, state, writer, status, ap)
     finally:
         if writer is not None:
             writer.close()
@@ -255,6 +291,14 @@ def _run(cfg, status, t_start) -> TrainResult:
                                                 "train_loss": state.train_loss, "val_loss": val_loss})
         save_model_file(net.model, final, meta, cfg.save_key, cfg.use_amp)
         log.info("final model %s (%.0f s)", final, time.time() - t_start)
+    best = state.best
+    best_file = cfg.results / BEST_MODEL_NAME
+    if best is not None:
+        log.info("best validation AP %.4f at epoch %d: %s", best["ap"], best["epoch"], best_file)
     return TrainResult(final_model=str(final), epochs=spec.num_epoch, steps=int(state.step),
                        train_loss=state.train_loss, val_loss=val_loss,
-                       val_history=state.val_history, resumed_from_epoch=start_epoch)
+                       val_history=state.val_history, resumed_from_epoch=start_epoch,
+                       best_ap=None if best is None else best["ap"],
+                       best_epoch=None if best is None else best["epoch"],
+                       best_model=str(best_file) if best is not None and best_file.exists()
+                       else None)

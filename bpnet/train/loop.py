@@ -33,6 +33,7 @@ from .checkpoints import (
 )
 from .distribute import distribute_dataset, sync_from_chief
 from .metrics import joint_peak_hits, loss_scalars, val_scalars, write_scalars
+from .val_ap import BEST_MODEL_NAME, best_entry, keep_best
 
 log = logging.getLogger("bpnet.train")
 
@@ -91,6 +92,12 @@ class TrainState:
     train_loss: float | None = None  # mean loss of the last epoch trained
     val_history: list[dict] = dataclasses.field(default_factory=list)
 
+    @property
+    def best(self) -> dict | None:
+        """The validation with the highest AP so far (resumed runs: the checkpoint's
+        val_history included); None without validation AP."""
+        return best_entry(self.val_history)
+
 
 # ------------------------------------------------------------------ building
 
@@ -103,6 +110,9 @@ def stage_loss_fn(loss_cfg, num_stages: int):
 
     Summed, not averaged: under data parallelism every replica divides by the
     global batch so that the all-reduced gradient equals one big batch's.
+    With ``loss.normalization: cells`` each image's loss is already divided by
+    the label maps' h * w (bpnet.model.loss); training and validation both use
+    this function, so their losses are on the same scale.
     """
     import tensorflow as tf
 
@@ -117,7 +127,8 @@ def stage_loss_fn(loss_cfg, num_stages: int):
     return fn
 
 
-def make_train_step(model, optimizer, stage_losses, strategy, global_batch: int, use_amp: bool):
+def make_train_step(model, optimizer, stage_losses, strategy, global_batch: int, use_amp: bool,
+                    clip_norm: float | None = None):
     """A tf.function: one distributed batch -> (total loss, heatmap [T], PAF [T], regularization).
 
     Each replica divides its summed loss by the global batch and its share of
@@ -126,10 +137,30 @@ def make_train_step(model, optimizer, stage_losses, strategy, global_batch: int,
     on the whole batch. Under --use_amp the optimizer is a LossScaleOptimizer:
     the loss is scaled before differentiation and the gradients unscaled
     (and the step skipped on overflow) inside apply_gradients.
+
+    ``clip_norm`` (optimizer.gradient_clip_norm): the gradient of the whole
+    global batch is clipped to that global norm. With several replicas each
+    first sums the replicas' gradients itself (one more all-reduce per step),
+    clips that sum, and hands the optimizer its 1/N share of the clipped sum,
+    which the optimizer's own all-reduce adds back up; Keras' global_clipnorm
+    would clip each replica's part instead. Under --use_amp the norm is that of
+    the unscaled gradient (the scaled one divided by the current loss scale);
+    an overflow (non-finite norm) still reaches the LossScaleOptimizer as
+    non-finite gradients, so it skips the step and lowers the scale.
     """
     import tensorflow as tf
+
+    from ..model.optimizer import clip_by_global_norm
     gb = float(global_batch)
     nrep = float(strategy.num_replicas_in_sync)
+
+    def clip(grads):
+        if nrep > 1:
+            grads = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, grads)
+        grads, _ = clip_by_global_norm(grads, clip_norm,
+                                       optimizer.dynamic_scale if use_amp else None)
+        return [g / nrep for g in grads] if nrep > 1 else grads
 
     def replica_step(images, labels):
         with tf.GradientTape() as tape:
@@ -144,6 +175,8 @@ def make_train_step(model, optimizer, stage_losses, strategy, global_batch: int,
             scaled = optimizer.scale_loss(total) if use_amp else total
         tvars = model.trainable_variables
         grads = tape.gradient(scaled, tvars)
+        if clip_norm:
+            grads = clip(grads)
         optimizer.apply_gradients(zip(grads, tvars))
         return total, heat, paf, reg
 
@@ -201,6 +234,31 @@ def _load_graph(cfg: RunConfig):
     return model, (meta or {}).get("model") or spec_to_dict(spec.model)
 
 
+# kernel_regularization_factor x map cells above this, under loss.normalization cells, is
+# an L2 penalty at least twice as strong against the data loss as TAO's 5e-4 on its
+# summed loss: warned about.
+CELLS_REGULARIZER_WARN = 1e-3
+
+
+def _warn_regularizer_vs_cells(spec):
+    """One warning when a per-cell loss meets an L2 kernel regularizer that outweighs it."""
+    if spec.loss.normalization != "cells":
+        return
+    factor = float(spec.model.kernel_regularization_factor or 0.0)
+    if factor <= 0:
+        return
+    th, tw = spec.dataloader.pose_config.target_shape
+    cells = th * tw
+    if factor * cells > CELLS_REGULARIZER_WARN:
+        log.warning(
+            "loss.normalization is cells (the data loss divided by %d map cells) but "
+            "model.kernel_regularization_factor is %g: against that loss the penalty "
+            "weighs as %.3g would on TAO's summed loss (TAO ships 5e-4). Prefer "
+            "optimizer AdamWOptimizer's weight_decay with kernel_regularization_factor 0, "
+            "or a factor near %.2g (5e-4 / %d)", cells, factor, factor * cells,
+            5e-4 / cells, cells)
+
+
 def build_net(cfg: RunConfig) -> Net:
     """The model (built from the spec, or loaded whole with load_graph), its optimizer
     (built, so a checkpoint's variables can be assigned) and the steps."""
@@ -231,10 +289,12 @@ def build_net(cfg: RunConfig) -> Net:
         if cfg.use_amp:
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)
+    _warn_regularizer_vs_cells(spec)
     stage_losses = stage_loss_fn(spec.loss, num_stages)
     return Net(model=model, optimizer=optimizer, num_stages=num_stages,
                train_step=make_train_step(model, optimizer, stage_losses, cfg.strategy,
-                                          cfg.global_batch, cfg.use_amp),
+                                          cfg.global_batch, cfg.use_amp,
+                                          spec.optimizer.clip_norm),
                eval_step=make_eval_step(model, stage_losses, num_stages),
                description=description)
 
@@ -290,8 +350,16 @@ def resume_or_init(cfg: RunConfig, net: Net) -> TrainState:
             net.optimizer.iterations.assign(state.step)
         log.info("finetuning from %s at epoch %d (step %d)", p, epoch, state.step)
     elif spec.pretrained_weights and not spec.load_graph:
-        src, _ = load_model_file(spec.pretrained_weights, cfg.key, "pretrained_weights")
-        _report_pretrained(cfg, copy_weights_by_name(src, net.model))
+        from ..model.imagenet import is_keras_weights_file, load_vgg19_imagenet
+        if is_keras_weights_file(spec.pretrained_weights):
+            # Keras applications' ImageNet VGG19 weights into the VGG backbone.
+            report = load_vgg19_imagenet(spec.pretrained_weights, net.model,
+                                         width_multiplier=spec.model.width_multiplier,
+                                         normalization=spec.dataloader.normalization_params)
+        else:
+            src, _ = load_model_file(spec.pretrained_weights, cfg.key, "pretrained_weights")
+            report = copy_weights_by_name(src, net.model)
+        _report_pretrained(cfg, report)
     if cfg.multi_worker:
         epoch, state.step = sync_from_chief(
             cfg.strategy, cfg.chief, list(net.model.variables) + list(net.optimizer.variables),
@@ -306,10 +374,14 @@ def _report_pretrained(cfg: RunConfig, report: dict):
     from ..io import write_json_atomic
     file = cfg.spec.pretrained_weights
     log.info("pretrained weights %s: %d layers loaded, %d skipped (shape mismatch), "
-             "%d not in the file", file, len(report["loaded"]),
-             len(report["skipped"]), len(report["missing"]))
+             "%d not in the file, %d in the file not used", file, len(report["loaded"]),
+             len(report["skipped"]), len(report["missing"]), len(report.get("unused", [])))
     for name, why in report["skipped"]:
         log.info("  skipped %s: %s", name, why)
+    if report.get("unused"):
+        log.info("  not used: %s", ", ".join(report["unused"]))
+    for note in report.get("notes", []):
+        log.info("  %s", note)
     if not report["loaded"]:
         raise BpnetError(f"pretrained_weights {file}: no layer matched "
                          "the model by name; is it a model of this family?")
@@ -318,11 +390,13 @@ def _report_pretrained(cfg: RunConfig, report: dict):
 
 
 def starts_fresh(cfg: RunConfig, state: TrainState) -> bool:
-    """No weights came from a file. Decided after the chief's broadcast: every worker
-    must take the same branch (the BN warm start runs collectives under synchronized BN)."""
+    """No BatchNorm statistics came from a file: a fresh model, or an ImageNet start (whose
+    weights file has none). Decided from the spec and the epoch alone, so every worker takes
+    the same branch (the BN warm start runs collectives under synchronized BN)."""
+    from ..model.imagenet import is_keras_weights_file
     spec = cfg.spec
-    return (state.epoch == 0 and not spec.pretrained_weights
-            and not spec.finetuning_config.is_finetune_exp)
+    return (state.epoch == 0 and not spec.finetuning_config.is_finetune_exp
+            and (not spec.pretrained_weights or is_keras_weights_file(spec.pretrained_weights)))
 
 
 # ------------------------------------------------------------------ data
@@ -446,9 +520,10 @@ def run_epoch(cfg: RunConfig, net: Net, state: TrainState, epoch: int, writer, p
                                                        current_lr(net.optimizer)))
 
 
-def validate(cfg: RunConfig, net: Net) -> dict:
+def validate(cfg: RunConfig, net: Net, ap=None) -> dict:
     """Mean data loss per validation image (no regularization), per stage and in total,
-    and the share of labeled joints whose heatmap peak is within 2 cells."""
+    and the share of labeled joints whose heatmap peak is within 2 cells; with ``ap`` (a
+    bpnet.train.val_ap.ValAP), COCO keypoint "ap" and "ap50" on the val images too."""
     from ..data.pipeline import build_dataset
     ds = build_dataset(cfg.spec, "val", seed=cfg.spec.random_seed, repeat=False, shuffle=False)
     heat = paf = None
@@ -466,18 +541,51 @@ def validate(cfg: RunConfig, net: Net) -> dict:
     if not count:
         raise BpnetError("the validation records produced no samples")
     heat, paf = heat / count, paf / count
-    return {"val_loss": float(heat.sum() + paf.sum()), "heatmap": heat.tolist(),
-            "paf": paf.tolist(), "num_images": int(count),
-            "peak_accuracy": hits / total if total else None, "num_joints": int(total)}
+    val = {"val_loss": float(heat.sum() + paf.sum()), "heatmap": heat.tolist(),
+           "paf": paf.tolist(), "num_images": int(count),
+           "peak_accuracy": hits / total if total else None, "num_joints": int(total)}
+    if ap is not None:
+        val.update(ap.measure())
+    return val
 
 
-def validate_untrained(cfg: RunConfig, net: Net, state: TrainState):
-    """The untrained model's validation loss: the yardstick for "it learned"."""
+def _ap_text(val: dict) -> str:
+    return ("" if val.get("ap") is None else
+            f", AP {val['ap']:.4f} AP50 {val['ap50']:.4f} ({val['ap_images']} images, "
+            f"{val['ap_seconds']:.1f} s)")
+
+
+def _keep_best(cfg: RunConfig, net: Net, state: TrainState, val: dict, earlier: list[dict]):
+    """best_model.keras: the model of the highest validation AP, with its epoch and AP."""
+    from .checkpoints import save_model_file
+
+    def save(path, best):
+        meta = model_meta(cfg, net, best={**best, "step": int(state.step)},
+                          train={"epochs": int(val["epoch"]), "steps": int(state.step),
+                                 "train_loss": state.train_loss, "val_loss": val["val_loss"]})
+        save_model_file(net.model, path, meta, cfg.save_key, cfg.use_amp)
+
+    keep_best(cfg.results / BEST_MODEL_NAME, val, earlier, save)
+
+
+def _validate_and_keep(cfg: RunConfig, net: Net, state: TrainState, epoch: int, ap,
+                       report: Callable[[dict], None]) -> dict:
+    """Validate, add the result to the history, ``report`` it, keep the best model."""
+    val = validate(cfg, net, ap)
+    val["epoch"] = epoch
+    earlier = list(state.val_history)
+    state.val_history.append(val)
+    report(val)
+    _keep_best(cfg, net, state, val, earlier)
+    return val
+
+
+def validate_untrained(cfg: RunConfig, net: Net, state: TrainState, ap=None):
+    """The untrained model's validation loss (and AP with ``ap``): the yardstick for
+    "it learned"."""
     if state.epoch == 0 and cfg.has_val and cfg.chief and not state.val_history:
-        val = validate(cfg, net)
-        val["epoch"] = 0
-        state.val_history.append(val)
-        log.info("validation loss before training %.5g", val["val_loss"])
+        _validate_and_keep(cfg, net, state, 0, ap, lambda val: log.info(
+            "validation loss before training %.5g%s", val["val_loss"], _ap_text(val)))
 
 
 def _save_checkpoint(cfg: RunConfig, net: Net, state: TrainState, epoch: int):
@@ -490,9 +598,35 @@ def _save_checkpoint(cfg: RunConfig, net: Net, state: TrainState, epoch: int):
         key=cfg.save_key, use_amp=cfg.use_amp, keep=spec.max_ckpt_to_keep)
 
 
-def fit(cfg: RunConfig, net: Net, state: TrainState, writer, status=None):
-    """The epochs from ``state.epoch`` on: train, validate and checkpoint when due."""
+def _show_ap(status, state: TrainState):
+    """status.json: the latest validation AP and the best so far, in every later write."""
+    last = next((h for h in reversed(state.val_history) if h.get("ap") is not None), None)
+    if status is None or last is None:
+        return
+    best = state.best
+    status.extra.update(val_ap=last["ap"], val_ap50=last["ap50"], val_ap_epoch=last["epoch"],
+                        best_ap=best["ap"], best_epoch=best["epoch"])
+
+
+def _report_val(val: dict, state: TrainState, writer, status):
+    """An epoch's validation in the log, TensorBoard and status.json."""
+    log.info("epoch %d validation loss %.5g (train %.5g), heatmap peaks within 2 cells: %s%s",
+             val["epoch"], val["val_loss"], state.train_loss,
+             "n/a" if val["peak_accuracy"] is None else f"{val['peak_accuracy']:.1%}",
+             _ap_text(val))
+    if writer is not None:
+        write_scalars(writer, state.step, val_scalars(val))
+    _show_ap(status, state)
+
+
+def fit(cfg: RunConfig, net: Net, state: TrainState, writer, status=None, ap=None):
+    """The epochs from ``state.epoch`` on: train, validate (loss, and AP with ``ap``, a
+    bpnet.train.val_ap.ValAP; the best-AP model kept) and checkpoint when due."""
     spec = cfg.spec
+    if writer is not None and state.step == 0 and state.val_history \
+            and state.val_history[0]["epoch"] == 0:
+        write_scalars(writer, 0, val_scalars(state.val_history[0]))  # the untrained model
+    _show_ap(status, state)
     progress = _Progress(cfg, net, state.step, status)
     try:
         for epoch in range(state.epoch, spec.num_epoch):
@@ -506,14 +640,8 @@ def fit(cfg: RunConfig, net: Net, state: TrainState, writer, status=None):
                 break
             if cfg.has_val and cfg.chief and (e1 % spec.validation_every_n_epoch == 0
                                               or e1 == spec.num_epoch):
-                val = validate(cfg, net)
-                val["epoch"] = e1
-                state.val_history.append(val)
-                log.info("epoch %d validation loss %.5g (train %.5g), heatmap peaks within "
-                         "2 cells: %s", e1, val["val_loss"], state.train_loss,
-                         "n/a" if val["peak_accuracy"] is None else f"{val['peak_accuracy']:.1%}")
-                if writer is not None:
-                    write_scalars(writer, state.step, val_scalars(val))
+                _validate_and_keep(cfg, net, state, e1, ap,
+                                   lambda val: _report_val(val, state, writer, status))
             if e1 % spec.checkpoint_n_epoch == 0 and cfg.chief:
                 _save_checkpoint(cfg, net, state, e1)
             state.epoch = e1

@@ -1,4 +1,5 @@
-"""What training measures: TensorBoard scalars and the validation's joint peak hits."""
+"""What training measures: TensorBoard scalars (validation AP included) and the validation's
+joint peak hits."""
 
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ def val_scalars(val: dict) -> dict[str, float]:
         scalars[f"val/paf_stage{t}"] = p
     if val.get("peak_accuracy") is not None:
         scalars["val/peak_accuracy"] = val["peak_accuracy"]
+    if val.get("ap") is not None:  # COCO keypoint AP (bpnet.train.val_ap)
+        scalars["val/AP"] = val["ap"]
+        scalars["val/AP50"] = val["ap50"]
     return scalars
 
 
