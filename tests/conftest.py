@@ -98,3 +98,38 @@ def save_tiny_model(path, pose, *, cls="BpNetLiteModel", stages=2, seed=0, key=N
                      dataclasses.asdict(cfg), num_stages=stages)
     save_model(model, path, meta, key=key)
     return path, model, meta
+
+
+def make_converted_sample(root: Path, num_train: int, num_val: int, image_size=(256, 256),
+                          seed: int = 0, val_records: bool = True) -> Path:
+    """A synthetic sample dataset in ``root`` with its train (and val) records and loss masks."""
+    from bpnet.data.convert import dataset_convert
+    from bpnet.data.synthetic import make_sample_dataset
+    make_sample_dataset(root, num_train=num_train, num_val=num_val, image_size=image_size,
+                        seed=seed)
+    dataset_convert(root / "sample_spec.json", root / "records" / "train", mode="train",
+                    generate_masks=True)
+    if val_records:
+        dataset_convert(root / "sample_spec.json", root / "records" / "val", mode="test",
+                        generate_masks=True)
+    return root
+
+
+# The start of a script run in a subprocess: TensorFlow with 2 logical CPUs (set before
+# anything else touches TensorFlow), a tiny 5-joint lite model config ``cfg`` with ``pose``,
+# ``rng`` and a random batch ``x`` of 4 16x16 images.
+TWO_CPU_TINY_PRELUDE = """\
+import json, sys, numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from bpnet.pose import pose_config_from_dict
+from bpnet.specs import ModelConfig
+from bpnet.model.build import build_model
+pose = pose_config_from_dict({"name": "five", "keypoints": ["a", "b", "c", "d", "e"],
+                              "skeleton": [[1, 2], [1, 3], [1, 4], [1, 5]]})
+cfg = ModelConfig(class_name="BpNetLiteModel", stages=2, heat_channels=6, paf_channels=8,
+                  width_multiplier=0.0625, kernel_initializer="xavier")
+rng = np.random.default_rng(0)
+x = rng.normal(size=(4, 16, 16, 3)).astype("float32")
+"""

@@ -10,6 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from conftest import TWO_CPU_TINY_PRELUDE
+
 from bpnet.errors import BpnetError
 from bpnet.pose import pose_config_from_dict
 from bpnet.specs import FocalLossParams, LearningRateSchedule, LossConfig, ModelConfig
@@ -204,22 +206,9 @@ def test_optimizer_state_survives_save_and_load_and_training_continues_identical
     keras.backend.clear_session()
 
 
-DISTRIBUTED = textwrap.dedent("""
-    import json, numpy as np, tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    import keras
-    from bpnet.pose import pose_config_from_dict
-    from bpnet.specs import ModelConfig
-    from bpnet.model.build import build_model
+DISTRIBUTED = TWO_CPU_TINY_PRELUDE + textwrap.dedent("""
     from bpnet.model.loss import BpNetLoss
     from bpnet.model.optimizer import WeightedMomentumOptimizer, stagewise_gradient_weights
-    pose = pose_config_from_dict({"name": "five", "keypoints": ["a", "b", "c", "d", "e"],
-                                  "skeleton": [[1, 2], [1, 3], [1, 4], [1, 5]]})
-    cfg = ModelConfig(class_name="BpNetLiteModel", stages=2, heat_channels=6, paf_channels=8,
-                      width_multiplier=0.0625, kernel_initializer="xavier")
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(4, 16, 16, 3)).astype("float32")
     labels = {"heatmap": rng.random((4, 2, 2, 6)).astype("float32"),
               "paf": rng.normal(size=(4, 2, 2, 8)).astype("float32"),
               "mask": np.ones((4, 2, 2, 1), "float32")}

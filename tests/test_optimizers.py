@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from conftest import TWO_CPU_TINY_PRELUDE, bpnet_cli, make_converted_sample
 from bpnet.errors import SpecError
 from bpnet.pose import pose_config_from_dict
 from bpnet.specs import LossConfig, ModelConfig, OptimizerConfig, TrainSpec, build_spec
@@ -197,23 +198,11 @@ def test_clip_by_global_norm():
     assert not np.isfinite(np.asarray(bad[0])).any()  # a loss-scale optimizer skips the step
 
 
-CLIP_SCRIPT = textwrap.dedent("""
-    import json, sys, numpy as np, tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    import keras
-    from bpnet.pose import pose_config_from_dict
-    from bpnet.specs import LossConfig, ModelConfig
-    from bpnet.model.build import build_model
+CLIP_SCRIPT = TWO_CPU_TINY_PRELUDE + textwrap.dedent("""
+    from bpnet.specs import LossConfig
     from bpnet.model.optimizer import WeightedMomentumOptimizer
     from bpnet.model.weights import set_bn_sync
     from bpnet.train.loop import make_train_step, stage_loss_fn
-    pose = pose_config_from_dict({"name": "five", "keypoints": ["a", "b", "c", "d", "e"],
-                                  "skeleton": [[1, 2], [1, 3], [1, 4], [1, 5]]})
-    cfg = ModelConfig(class_name="BpNetLiteModel", stages=2, heat_channels=6, paf_channels=8,
-                      width_multiplier=0.0625, kernel_initializer="xavier")
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(4, 16, 16, 3)).astype("float32")
     # Targets far off: a gradient norm in the thousands, far above the bound.
     labels = {"heatmap": (300 * rng.random((4, 2, 2, 6))).astype("float32"),
               "paf": (300 * rng.normal(size=(4, 2, 2, 8))).astype("float32"),
@@ -360,15 +349,7 @@ def test_spec_keys_load_and_bad_values_are_clear_errors():
 def small_sample(tmp_path_factory):
     """The sample data of `bpnet make_sample_data` (256 px images), fewer images than
     test_train's fixture, with train/val records."""
-    from bpnet.data.convert import dataset_convert
-    from bpnet.data.synthetic import make_sample_dataset
-    root = tmp_path_factory.mktemp("sample_small")
-    make_sample_dataset(root, num_train=120, num_val=16, image_size=(256, 256), seed=1)
-    dataset_convert(root / "sample_spec.json", root / "records" / "train", mode="train",
-                    generate_masks=True)
-    dataset_convert(root / "sample_spec.json", root / "records" / "val", mode="test",
-                    generate_masks=True)
-    return root
+    return make_converted_sample(tmp_path_factory.mktemp("sample_small"), 120, 16, seed=1)
 
 
 # One recipe for both sizes: only image_dims and target_shape change.
@@ -391,7 +372,6 @@ RECIPE = {
 def test_one_recipe_learns_the_sample_data_at_128_and_256_px(small_sample, tmp_path, size, steps):
     from test_train import ENV, _merge, state_info, write_spec
 
-    from conftest import bpnet_cli
     spec = write_spec(tmp_path / "spec.yaml", small_sample, **_merge(RECIPE, {
         "steps_per_epoch": steps,
         "dataloader": {"image_config": {"image_dims": {"height": size, "width": size}},

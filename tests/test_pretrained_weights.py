@@ -16,7 +16,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, make_converted_sample
 
 SAMPLE_SPEC = REPO / "specs" / "bpnet_train_sample.yaml"
 LOADED = ["block1_conv1", "block1_conv2", "block2_conv1", "block2_conv2", "block3_conv1",
@@ -171,13 +171,8 @@ def test_grayscale_model_gets_the_summed_first_kernel(vgg):
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    from bpnet.data.convert import dataset_convert
-    from bpnet.data.synthetic import make_sample_dataset
-    root = tmp_path_factory.mktemp("sample_data")
-    make_sample_dataset(root, num_train=4, num_val=2, image_size=(128, 128), seed=0)
-    dataset_convert(root / "sample_spec.json", root / "records" / "train", mode="train",
-                    generate_masks=True)
-    return root
+    return make_converted_sample(tmp_path_factory.mktemp("sample_data"), 4, 2, (128, 128),
+                                 seed=0, val_records=False)
 
 
 def _spec(path, sample, weights, **model):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, bpnet_cli, error_lines
+from conftest import REPO, bpnet_cli, error_lines, make_converted_sample
 
 SAMPLE_SPEC = REPO / "specs" / "bpnet_train_sample.yaml"
 # No GPU (--gpus N then makes N logical CPU devices) and no TF_CONFIG of the caller's.
@@ -36,15 +36,7 @@ ENV.update({"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     """The sample dataset of `bpnet make_sample_data` (default size) with train/val records."""
-    from bpnet.data.convert import dataset_convert
-    from bpnet.data.synthetic import make_sample_dataset
-    root = tmp_path_factory.mktemp("sample_data")
-    make_sample_dataset(root, num_train=200, num_val=40, image_size=(256, 256), seed=0)
-    dataset_convert(root / "sample_spec.json", root / "records" / "train", mode="train",
-                    generate_masks=True)
-    dataset_convert(root / "sample_spec.json", root / "records" / "val", mode="test",
-                    generate_masks=True)
-    return root
+    return make_converted_sample(tmp_path_factory.mktemp("sample_data"), 200, 40, seed=0)
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import bpnet_cli
+from conftest import bpnet_cli, make_converted_sample
 from test_train import ENV, TINY, _merge, state_info, write_spec
 
 # Validation on: TINY turns it off (val_records_path: []).
@@ -25,15 +25,8 @@ VAL = _merge(TINY, {"num_epoch": 2, "steps_per_epoch": 3, "validation_every_n_ep
 @pytest.fixture(scope="module")
 def small_sample(tmp_path_factory):
     """24 training and 12 val images (128 px) with train and val records."""
-    from bpnet.data.convert import dataset_convert
-    from bpnet.data.synthetic import make_sample_dataset
-    root = tmp_path_factory.mktemp("val_ap_data")
-    make_sample_dataset(root, num_train=24, num_val=12, image_size=(128, 128), seed=3)
-    dataset_convert(root / "sample_spec.json", root / "records" / "train", mode="train",
-                    generate_masks=True)
-    dataset_convert(root / "sample_spec.json", root / "records" / "val", mode="test",
-                    generate_masks=True)
-    return root
+    return make_converted_sample(tmp_path_factory.mktemp("val_ap_data"), 24, 12, (128, 128),
+                                 seed=3)
 
 
 def _event_tags(folder: Path) -> set[str]:
