@@ -51,16 +51,23 @@ def _bpnet_models_beside(p: Path):
         return []
 
 
+def file_head(path, n: int = 8) -> bytes | None:
+    """The first ``n`` bytes of the file at ``path``; None when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return None
+
+
 def tao_model_problem(path, what: str) -> str | None:
     """Why ``path`` (after resolve_model_path) is a TAO model or TAO name bpnet cannot
     load, as one line naming ``what`` (e.g. "pretrained_weights"); None when it is not."""
     p = Path(path)
     suffix = p.suffix.lower()
     if p.is_file():
-        try:
-            with open(p, "rb") as f:
-                head = f.read(8)
-        except OSError:
+        head = file_head(p)
+        if head is None:
             return None  # reported by whoever opens it
         if head == HDF5_MAGIC:
             kind = "a Keras 2 HDF5 model, TAO's format"

@@ -199,6 +199,20 @@ def _pts(p) -> np.ndarray:
     return np.round(np.asarray(p) * (1 << _SHIFT)).astype(np.int32)
 
 
+def _disc(img: np.ndarray, centre, radius: float, color, thickness: int = -1) -> None:
+    """A sub-pixel, anti-aliased circle (filled unless ``thickness`` >= 0)."""
+    import cv2
+    cv2.circle(img, tuple(_pts(centre)), int(round(radius * (1 << _SHIFT))), color, thickness,
+               cv2.LINE_AA, _SHIFT)
+
+
+def _draw_face(img: np.ndarray, kp, dot: float, eye_color, nose_scale: float, nose_color) -> None:
+    """Eyes (radius ``dot``) and nose (``dot * nose_scale``) at their keypoints."""
+    for n in ("left_eye", "right_eye"):
+        _disc(img, kp[_K[n]], dot, eye_color)
+    _disc(img, kp[_K["nose"]], dot * nose_scale, nose_color)
+
+
 def _draw_figure(img: np.ndarray, fig) -> None:
     import cv2
     aa = cv2.LINE_AA
@@ -216,22 +230,15 @@ def _draw_figure(img: np.ndarray, fig) -> None:
     for _, a, b, t, ck in fig["arms"]:
         seg(a, b, t, fig["colors"][ck])
     r = fig["head_r"]
-    cv2.circle(img, tuple(_pts(fig["head"])), int(round(r * (1 << _SHIFT))), fig["colors"]["skin"],
-               -1, aa, _SHIFT)
-    cv2.circle(img, tuple(_pts(fig["head"])), int(round(r * (1 << _SHIFT))), outline, 1, aa, _SHIFT)
+    _disc(img, fig["head"], r, fig["colors"]["skin"])
+    _disc(img, fig["head"], r, outline, 1)
     kp = fig["kp"]
     dot = max(1.0, 0.2 * r)
     # Ears carry the side colours, like the limbs.
-    cv2.circle(img, tuple(_pts(kp[_K["left_ear"]])), int(round(dot * 1.2 * (1 << _SHIFT))),
-               fig["colors"]["left_arm"], -1, aa, _SHIFT)
-    cv2.circle(img, tuple(_pts(kp[_K["right_ear"]])), int(round(dot * 1.2 * (1 << _SHIFT))),
-               fig["colors"]["right_arm"], -1, aa, _SHIFT)
+    _disc(img, kp[_K["left_ear"]], dot * 1.2, fig["colors"]["left_arm"])
+    _disc(img, kp[_K["right_ear"]], dot * 1.2, fig["colors"]["right_arm"])
     if fig["facing"] > 0:
-        for n in ("left_eye", "right_eye"):
-            cv2.circle(img, tuple(_pts(kp[_K[n]])), int(round(dot * (1 << _SHIFT))), (10, 10, 10),
-                       -1, aa, _SHIFT)
-        cv2.circle(img, tuple(_pts(kp[_K["nose"]])), int(round(dot * 0.9 * (1 << _SHIFT))),
-                   (40, 40, 200), -1, aa, _SHIFT)
+        _draw_face(img, kp, dot, (10, 10, 10), 0.9, (40, 40, 200))
 
 
 def _raster(polys: Sequence[np.ndarray], h: int, w: int) -> np.ndarray:

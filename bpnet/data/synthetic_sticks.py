@@ -44,7 +44,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .synthetic import (_K, MAX_SAMPLE_SIDE, _background, _bbox, _circle_polygon, _clip_polygon,
-                        _dir, _hsv, _pts, _r, _raster, _segment_polygon, _SHIFT,
+                        _dir, _disc, _draw_face, _hsv, _pts, _r, _raster, _segment_polygon, _SHIFT,
                         sample_dataset_spec, split_key, write_split)
 
 STYLE_KEY = 0x571C  # mixed into the seeds, so the same seed differs from the blocks style
@@ -214,22 +214,16 @@ def _draw_stick(img: np.ndarray, fig) -> None:
         cv2.line(img, tuple(_pts(a)), tuple(_pts(b)), outline, t + 2, aa, _SHIFT)
     for a, b in fig["strokes"]:
         cv2.line(img, tuple(_pts(a)), tuple(_pts(b)), col, t, aa, _SHIFT)
-    c, r = tuple(_pts(fig["head"])), int(round(fig["head_r"] * (1 << _SHIFT)))
     fill = fig["colors"]["face"] if fig["facing"] > 0 else fig["colors"]["hair"]
-    cv2.circle(img, c, r, fill, -1, aa, _SHIFT)
-    cv2.circle(img, c, r, outline, t + 2, aa, _SHIFT)
-    cv2.circle(img, c, r, col, t, aa, _SHIFT)
+    _disc(img, fig["head"], fig["head_r"], fill)
+    _disc(img, fig["head"], fig["head_r"], outline, t + 2)
+    _disc(img, fig["head"], fig["head_r"], col, t)
     kp = fig["kp"]
     dot = max(1.0, 0.13 * fig["head_r"])
     for n in ("left_ear", "right_ear"):  # the same in both views: no left/right cue
-        cv2.circle(img, tuple(_pts(kp[_K[n]])), int(round(dot * 1.1 * (1 << _SHIFT))), col, -1,
-                   aa, _SHIFT)
+        _disc(img, kp[_K[n]], dot * 1.1, col)
     if fig["facing"] > 0:
-        for n in ("left_eye", "right_eye"):
-            cv2.circle(img, tuple(_pts(kp[_K[n]])), int(round(dot * (1 << _SHIFT))), (15, 15, 15),
-                       -1, aa, _SHIFT)
-        cv2.circle(img, tuple(_pts(kp[_K["nose"]])), int(round(dot * 0.8 * (1 << _SHIFT))),
-                   (40, 40, 170), -1, aa, _SHIFT)
+        _draw_face(img, kp, dot, (15, 15, 15), 0.8, (40, 40, 170))
 
 
 def _make_sticks_image(rng: np.random.Generator, h: int, w: int, image_id: int, next_ann_id: int,

@@ -47,8 +47,6 @@ from pathlib import Path
 
 from ..errors import BpnetError
 
-HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-
 #: VGG19's convolutions in order: (name, input channels, filters); all 3x3.
 VGG19_CONVS = tuple(
     [("block1_conv1", 3, 64), ("block1_conv2", 64, 64),
@@ -81,12 +79,9 @@ def is_keras_weights_file(path) -> bool:
 
     Of a weights-only file it says nothing about which network's: ``open_vgg19`` checks that.
     """
+    from ..tao_files import HDF5_MAGIC, file_head
     p = Path(path)
-    try:
-        with open(p, "rb") as f:
-            if f.read(8) != HDF5_MAGIC:
-                return False
-    except OSError:
+    if file_head(p) != HDF5_MAGIC:
         return False
     import h5py
     try:

@@ -137,8 +137,25 @@ def apply_grad_weights_dict(weights: Dict[str, float], model, grad_weights_dict)
     return out
 
 
+class _PerVariableConstants:
+    """A constant per trainable variable, resolved at build in the optimizer's variable order.
+
+    ``_constants()`` gives ({variable path: value}, the value of every other variable).
+    """
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        table, default = self._constants()
+        self._by_index = [table.get(v.path, default) for v in variables]
+
+    def _constant_of(self, variable) -> float:
+        return self._by_index[self._get_variable_index(variable)]
+
+
 @keras.saving.register_keras_serializable(package="bpnet")
-class WeightedMomentumOptimizer(keras.optimizers.SGD):
+class WeightedMomentumOptimizer(_PerVariableConstants, keras.optimizers.SGD):
     """keras SGD (momentum, optional Nesterov) whose gradients are scaled per variable.
 
     ``default_weight``: the weight of a variable not in ``gradient_weights``.
@@ -152,17 +169,12 @@ class WeightedMomentumOptimizer(keras.optimizers.SGD):
                          nesterov=nesterov, name=name, **kwargs)
         self.gradient_weights = {str(k): float(v) for k, v in (gradient_weights or {}).items()}
         self.default_weight = float(default_weight)
-        self._weights_by_index = []
 
-    def build(self, variables):
-        if self.built:
-            return
-        super().build(variables)
-        self._weights_by_index = [self.gradient_weights.get(v.path, self.default_weight)
-                                  for v in variables]
+    def _constants(self):
+        return self.gradient_weights, self.default_weight
 
     def weight_of(self, variable) -> float:
-        return self._weights_by_index[self._get_variable_index(variable)]
+        return self._constant_of(variable)
 
     def update_step(self, gradient, variable, learning_rate):
         w = self.weight_of(variable)
@@ -183,7 +195,7 @@ def _decays(var) -> bool:
 
 
 @keras.saving.register_keras_serializable(package="bpnet")
-class AdamOptimizer(keras.optimizers.Adam):
+class AdamOptimizer(_PerVariableConstants, keras.optimizers.Adam):
     """keras Adam whose learning rate is multiplied per variable.
 
     ``lr_multipliers``: {variable path: multiplier}; ``default_multiplier``:
@@ -197,17 +209,12 @@ class AdamOptimizer(keras.optimizers.Adam):
                          beta_2=float(beta_2), epsilon=float(epsilon), name=name, **kwargs)
         self.lr_multipliers = {str(k): float(v) for k, v in (lr_multipliers or {}).items()}
         self.default_multiplier = float(default_multiplier)
-        self._mult_by_index = []
 
-    def build(self, variables):
-        if self.built:
-            return
-        super().build(variables)
-        self._mult_by_index = [self.lr_multipliers.get(v.path, self.default_multiplier)
-                               for v in variables]
+    def _constants(self):
+        return self.lr_multipliers, self.default_multiplier
 
     def multiplier_of(self, variable) -> float:
-        return self._mult_by_index[self._get_variable_index(variable)]
+        return self._constant_of(variable)
 
     def update_step(self, gradient, variable, learning_rate):
         w = self.multiplier_of(variable)

@@ -88,6 +88,17 @@ def load_ground_truth(dataset_spec_path):
     return spec, coco, images_dir
 
 
+def listed_images(coco, images_dir) -> tuple[list, list]:
+    """(present, missing): an Item (image_id = the COCO id) per image of the annotations, by
+    image id, split by whether its file exists under ``images_dir``."""
+    from ..infer.sources import Item
+    present, missing = [], []
+    for iid in sorted(coco.getImgIds()):
+        path = Path(images_dir) / coco.imgs[iid]["file_name"]
+        (present if path.is_file() else missing).append(Item(str(path), path, int(iid)))
+    return present, missing
+
+
 def check_pose_matches(pose, dataset_keypoints, dataset_spec_path, model_desc):
     """The model's joints must cover the dataset's keypoints (by name): one clear message."""
     try:
@@ -144,7 +155,6 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
     from ..infer.outputs import coco_results, image_entry, spec_doc, write_detections
     from ..infer.predictor import Predictor
     from ..infer.preprocess import ImageReadError, read_image
-    from ..infer.sources import Item
     from ..io import atomic_path
     from ..specs import load_inference_spec
     from ..tao_files import checked_model_path
@@ -161,10 +171,7 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
     image_ids = sorted(coco.getImgIds())
     if not image_ids:
         raise BpnetError(f"{dataset_spec_path}: the test annotation file lists no images")
-    present, missing = [], []
-    for iid in image_ids:
-        path = images_dir / coco.imgs[iid]["file_name"]
-        (present if path.is_file() else missing).append(Item(str(path), path, int(iid)))
+    present, missing = listed_images(coco, images_dir)
     if missing:
         names = ", ".join(it.file.name for it in missing[:3])
         log.warning("%d of %d images named by the annotations are missing under %s (e.g. %s); "

@@ -108,10 +108,9 @@ def _is_picture(p: Path) -> bool:
     from ..infer.preprocess import is_image_file
     if is_image_file(p):
         return True
-    try:
-        with open(p, "rb") as f:
-            head = f.read(16)
-    except OSError:
+    from ..tao_files import file_head
+    head = file_head(p, 16)
+    if head is None:
         return False
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return True

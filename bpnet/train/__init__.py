@@ -164,11 +164,9 @@ def _check_pretrained(spec):
 def _check_model_file_head(path):
     """A file that is no bpnet model (by its first bytes) fails before the model is built."""
     from ..model.imagenet import WEIGHTS_FILE
-    from ..tao_files import BPNET_MAGICS
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError:
+    from ..tao_files import BPNET_MAGICS, file_head
+    head = file_head(path)
+    if head is None:
         return  # missing or unreadable: load_model_file says so
     if not head.startswith(BPNET_MAGICS):
         raise BpnetError(f"pretrained_weights {path}: neither a bpnet model file (a .keras "

@@ -139,23 +139,12 @@ def inference_settings(spec):
                                model_path=None, train_spec=None, runtime="keras")
 
 
-def _val_dataset_names(spec, spec_path) -> set[str]:
+def _first_val_records(spec, spec_path) -> list[dict]:
+    """The first record of each val record file (files without records left out)."""
     from ..data.records import first_record, split_files
-    names = set()
-    for f in split_files(spec.dataloader.dataset_config, "val", source=str(spec_path)):
-        rec = first_record(f)
-        if rec is not None:
-            names.add(rec["dataset"])
-    return names
-
-
-def _first_val_image(spec, spec_path, root: str) -> str | None:
-    from ..data.records import first_record, split_files
-    for f in split_files(spec.dataloader.dataset_config, "val", source=str(spec_path)):
-        rec = first_record(f)
-        if rec is not None:
-            return os.path.normpath(os.path.join(root, rec["image_path"]))
-    return None
+    firsts = (first_record(f) for f in
+              split_files(spec.dataloader.dataset_config, "val", source=str(spec_path)))
+    return [rec for rec in firsts if rec is not None]
 
 
 def _choose_dataset_spec(spec, spec_path) -> tuple[str | None, str]:
@@ -174,7 +163,7 @@ def _choose_dataset_spec(spec, spec_path) -> tuple[str | None, str]:
         files.setdefault(str(Path(path).resolve()), set()).update({name, ds.dataset})
     if len(files) == 1:
         return next(iter(files)), ""
-    names = _val_dataset_names(spec, spec_path)
+    names = {rec["dataset"] for rec in _first_val_records(spec, spec_path)}
     match = [f for f, known in files.items() if known & names]
     if len(match) != 1:
         return None, (f"dataset_specs names {len(files)} datasets and the val records "
@@ -218,9 +207,8 @@ def make_val_ap(spec, spec_path, model, meta: dict) -> ValAP | None:
 
 def _ground_truth(spec, spec_path, meta):
     """(dataset spec, COCO, Items, mapping, category id), or why there is none (a str)."""
-    from ..infer.sources import Item
     from ..model.meta import parse_meta
-    from ..tasks.evaluate import check_pose_matches, load_ground_truth
+    from ..tasks.evaluate import check_pose_matches, listed_images, load_ground_truth
     ds_path, why = _choose_dataset_spec(spec, spec_path)
     if ds_path is None:
         return why
@@ -231,19 +219,16 @@ def _ground_truth(spec, spec_path, meta):
     anns = [a for a in coco.dataset.get("annotations") or [] if a.get("num_keypoints", 0) > 0]
     if not anns:
         return f"the test annotations of {ds_path} label no person's keypoints"
-    items, missing = [], 0
-    for iid in sorted(coco.getImgIds()):
-        path = Path(images_dir) / coco.imgs[iid]["file_name"]
-        if path.is_file():
-            items.append(Item(str(path), path, int(iid)))
-        else:
-            missing += 1
+    items, absent = listed_images(coco, images_dir)
+    missing = len(absent)
     if not items:
         return f"none of the test images of {ds_path} exist under {images_dir}"
     if missing:
         log.info("validation AP: %d of the %d test images of %s are missing under %s; AP "
                  "is measured on the others", missing, missing + len(items), ds_path, images_dir)
-    first = _first_val_image(spec, spec_path, ds.root_directory_path)
+    firsts = _first_val_records(spec, spec_path)
+    first = (os.path.normpath(os.path.join(ds.root_directory_path, firsts[0]["image_path"]))
+             if firsts else None)
     if first is not None and first not in {os.path.normpath(str(it.file)) for it in items}:
         return (f"the val records are not the test split of {ds_path} (their first image "
                 f"{first} is not one of its test images)")
