@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from bpnet.pose import pose_config_from_dict
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("BPNET_SHARED", REPO.parent / "shared"))
 COCO_TINY = SHARED / "data" / "coco_tiny"
@@ -133,3 +135,27 @@ cfg = ModelConfig(class_name="BpNetLiteModel", stages=2, heat_channels=6, paf_ch
 rng = np.random.default_rng(0)
 x = rng.normal(size=(4, 16, 16, 3)).astype("float32")
 """
+
+
+#: A five-joint pose config (a head and four limbs) for tiny test models.
+POSE5 = pose_config_from_dict({
+    "name": "five",
+    "keypoints": ["head", "left_hand", "right_hand", "left_foot", "right_foot"],
+    "skeleton": [[1, 2], [1, 3], [1, 4], [1, 5]],
+})
+
+
+def checked_annotation(coco, a):
+    """(mask, keypoints [17, 3]) of COCO annotation ``a``, after asserting that its mask has
+    its area and its bbox, its num_keypoints counts its labeled keypoints and unlabeled ones
+    sit at (0, 0)."""
+    import numpy as np
+    m = coco.annToMask(a).astype(bool)
+    assert m.sum() == a["area"] > 0
+    x, y, w, h = a["bbox"]
+    ys, xs = np.nonzero(m)
+    assert (x, y, x + w - 1, y + h - 1) == (xs.min(), ys.min(), xs.max(), ys.max())
+    kp = np.asarray(a["keypoints"], float).reshape(17, 3)
+    assert a["num_keypoints"] == int((kp[:, 2] > 0).sum())
+    assert np.all(kp[kp[:, 2] == 0, :2] == 0)
+    return m, kp

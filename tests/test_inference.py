@@ -15,22 +15,17 @@ from bpnet.errors import BpnetError
 from bpnet.infer.preprocess import plan_geometry
 from bpnet.infer.runners import Runner, load_runner
 from bpnet.model.meta import make_meta
-from bpnet.pose import load_pose_config, pose_config_from_dict
+from bpnet.pose import load_pose_config
 from bpnet.specs import InferenceSpec, default_pose_config_path
-from conftest import (COCO_VAL_ANN, DEMO_VIDEO, SHARED_IMAGES, TFPOSE_PB, invoke, keras_to_onnx,
-                      need, save_tiny_model)
+from conftest import (COCO_VAL_ANN, DEMO_VIDEO, POSE5, SHARED_IMAGES, TFPOSE_PB, invoke,
+                      keras_to_onnx, need, save_tiny_model)
 from test_preprocess import _match_error, _mirror
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 keras = pytest.importorskip("keras")
 
 POSE18 = load_pose_config(default_pose_config_path())
-# A custom keypoint set: nothing in inference may assume COCO's 18 joints.
-POSE5 = pose_config_from_dict({
-    "name": "five",
-    "keypoints": ["head", "left_hand", "right_hand", "left_foot", "right_foot"],
-    "skeleton": [[1, 2], [1, 3], [1, 4], [1, 5]],
-})
+# POSE5: a custom keypoint set: nothing in inference may assume COCO's 18 joints.
 NORM = {"image_scale": [256.0] * 3, "image_offset": [0.5] * 3}
 
 

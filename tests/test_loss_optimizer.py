@@ -10,10 +10,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import TWO_CPU_TINY_PRELUDE
+from conftest import POSE5, TWO_CPU_TINY_PRELUDE
 
 from bpnet.errors import BpnetError
-from bpnet.pose import pose_config_from_dict
 from bpnet.specs import FocalLossParams, LearningRateSchedule, LossConfig, ModelConfig
 
 keras = pytest.importorskip("keras")
@@ -26,12 +25,6 @@ from bpnet.model.schedules import (
     SoftstartAnnealingLearningRateSchedule,
     make_schedule,
 )
-
-POSE5 = pose_config_from_dict({
-    "name": "five",
-    "keypoints": ["head", "left_hand", "right_hand", "left_foot", "right_foot"],
-    "skeleton": [[1, 2], [1, 3], [1, 4], [1, 5]],
-})
 
 
 def tiny_cfg(cls="BpNetLiteModel", stages=2, **kw):

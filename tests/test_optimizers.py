@@ -11,9 +11,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import TWO_CPU_TINY_PRELUDE, bpnet_cli, make_converted_sample
+from conftest import POSE5, TWO_CPU_TINY_PRELUDE, bpnet_cli, make_converted_sample
 from bpnet.errors import SpecError
-from bpnet.pose import pose_config_from_dict
 from bpnet.specs import LossConfig, ModelConfig, OptimizerConfig, TrainSpec, build_spec
 
 keras = pytest.importorskip("keras")
@@ -27,12 +26,6 @@ from bpnet.model.optimizer import (
     clip_by_global_norm,
     make_optimizer,
 )
-
-POSE5 = pose_config_from_dict({
-    "name": "five",
-    "keypoints": ["head", "left_hand", "right_hand", "left_foot", "right_foot"],
-    "skeleton": [[1, 2], [1, 3], [1, 4], [1, 5]],
-})
 
 
 def tiny_model(seed=0, **kw):

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
+from conftest import checked_annotation
+
 from bpnet.data.synthetic import COCO_KEYPOINTS, make_sample_dataset
 from bpnet.specs import load_dataset_spec
 
@@ -67,15 +69,9 @@ def test_annotations_consistent(sample):
     labeled = outside = 0
     for a in coco.dataset["annotations"]:
         im = coco.imgs[a["image_id"]]
-        m = coco.annToMask(a).astype(bool)
-        assert m.sum() == a["area"] > 0
+        m, kp = checked_annotation(coco, a)
         x, y, w, h = a["bbox"]
-        ys, xs = np.nonzero(m)
-        assert (x, y, x + w - 1, y + h - 1) == (xs.min(), ys.min(), xs.max(), ys.max())
-        kp = np.asarray(a["keypoints"], float).reshape(17, 3)
-        assert a["num_keypoints"] == int((kp[:, 2] > 0).sum())
         assert set(kp[:, 2].tolist()) <= {0.0, 1.0, 2.0}
-        assert np.all(kp[kp[:, 2] == 0, :2] == 0)
         if a["iscrowd"]:
             assert a["num_keypoints"] == 0
             continue
