@@ -462,15 +462,10 @@ def make_split(out_dir, split: str, num_images: int, image_size=(256, 256), seed
 MAX_SAMPLE_SIDE = 4096  # pixels; bpnet.specs.MAX_INPUT_SIDE bounds network inputs alike
 
 
-def make_sample_dataset(out_dir, num_train: int = 200, num_val: int = 40,
-                        image_size: Tuple[int, int] = (256, 256), seed: int = 0) -> Dict[str, object]:
-    """Write the synthetic sample dataset and its dataset spec; return a summary.
-
-    Layout: images/{train,val}/*.jpg, annotations/person_keypoints_{train,val}.json
-    and sample_spec.json (root ".", masks under masks/train and masks/val).
-    """
+def check_output_dir(out_dir, image_size) -> Path:
+    """``out_dir`` as a Path, after checking the picture size and that the folder holds no
+    dataset make_sample_data did not write (it never writes over one)."""
     from ..errors import BpnetError
-    from ..io import write_json_atomic
     out = Path(out_dir)
     if min(image_size) < 32:
         raise BpnetError(f"image_size {tuple(image_size)} is too small; use at least 32x32")
@@ -478,15 +473,32 @@ def make_sample_dataset(out_dir, num_train: int = 200, num_val: int = 40,
         raise BpnetError(f"image_size {tuple(image_size)} exceeds the bound {MAX_SAMPLE_SIDE} "
                          "per side (sample pictures that large take minutes each and teach nothing "
                          "more)")
-    for split in ("train", "val"):  # never write over a dataset that make_sample_data did not make
+    for split in ("train", "val"):
         ann = out / "annotations" / f"person_keypoints_{split}.json"
         if ann.exists() and not (out / "sample_spec.json").exists():
             raise BpnetError(f"{out} already holds {ann} that make_sample_data did not write; "
                              "choose an empty folder")
+    return out
+
+
+def make_output_dir(out: Path) -> None:
+    from ..errors import BpnetError
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BpnetError(f"cannot create output folder {out}: {e.strerror or e}") from e
+
+
+def make_sample_dataset(out_dir, num_train: int = 200, num_val: int = 40,
+                        image_size: Tuple[int, int] = (256, 256), seed: int = 0) -> Dict[str, object]:
+    """Write the synthetic sample dataset and its dataset spec; return a summary.
+
+    Layout: images/{train,val}/*.jpg, annotations/person_keypoints_{train,val}.json
+    and sample_spec.json (root ".", masks under masks/train and masks/val).
+    """
+    from ..io import write_json_atomic
+    out = check_output_dir(out_dir, image_size)
+    make_output_dir(out)
     train = make_split(out, "train", num_train, image_size, seed, first_id=1)
     val = make_split(out, "val", num_val, image_size, seed, first_id=1_000_001)
     spec_path = out / "sample_spec.json"

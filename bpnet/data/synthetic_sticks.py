@@ -43,9 +43,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .synthetic import (_K, MAX_SAMPLE_SIDE, _background, _bbox, _circle_polygon, _clip_polygon,
+from .synthetic import (_K, _background, _bbox, _circle_polygon, _clip_polygon,
                         _dir, _disc, _draw_face, _hsv, _pts, _r, _raster, _segment_polygon, _SHIFT,
-                        sample_dataset_spec, split_key, write_split)
+                        check_output_dir, make_output_dir, sample_dataset_spec, split_key,
+                        write_split)
 
 STYLE_KEY = 0x571C  # mixed into the seeds, so the same seed differs from the blocks style
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -320,25 +321,11 @@ def make_sticks_dataset(out_dir, num_train: int = 200, num_val: int = 40,
     dataset_convert -d`` and ``bpnet evaluate -d``. backgrounds: see
     :func:`make_sticks_split`.
     """
-    from ..errors import BpnetError
     from ..io import write_json_atomic
-    out = Path(out_dir)
-    if min(image_size) < 32:
-        raise BpnetError(f"image_size {tuple(image_size)} is too small; use at least 32x32")
-    if max(image_size) > MAX_SAMPLE_SIDE:
-        raise BpnetError(f"image_size {tuple(image_size)} exceeds the bound {MAX_SAMPLE_SIDE} "
-                         "per side")
-    for split in ("train", "val"):  # never write over a dataset that make_sample_data did not make
-        ann = out / "annotations" / f"person_keypoints_{split}.json"
-        if ann.exists() and not (out / "sample_spec.json").exists():
-            raise BpnetError(f"{out} already holds {ann} that make_sample_data did not write; "
-                             "choose an empty folder")
+    out = check_output_dir(out_dir, image_size)
     if backgrounds not in (None, False):
         background_files(backgrounds)  # a bad folder fails before anything is written
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BpnetError(f"cannot create output folder {out}: {e.strerror or e}") from e
+    make_output_dir(out)
     train = make_sticks_split(out, "train", num_train, image_size, seed, first_id=1,
                               backgrounds=backgrounds)
     val = make_sticks_split(out, "val", num_val, image_size, seed, first_id=1_000_001,
