@@ -297,9 +297,6 @@ def clip_by_global_norm(grads, clip_norm: float, unscale=None):
     return [None if g is None else ops.multiply(g, ops.cast(factor, g.dtype)) for g in grads], norm
 
 
-OPTIMIZER_CLASSES = ("WeightedMomentumOptimizer", "AdamOptimizer", "AdamWOptimizer")
-
-
 def variable_weights(opt_cfg, model, use_stagewise_lr_multipliers: bool):
     """({variable path: weight}, default weight) of a train spec's optimizer section.
 
@@ -335,5 +332,6 @@ def make_optimizer(opt_cfg, model, schedule, use_stagewise_lr_multipliers: bool)
     if name == "AdamWOptimizer":
         return AdamWOptimizer(weight_decay=a["weight_decay"], **adam)
     from ..errors import BpnetError
+    from ..specs import OPTIMIZER_CLASSES
     raise BpnetError(f"optimizer: unknown class {name!r}; choose one of "
                      f"{', '.join(OPTIMIZER_CLASSES)}")
