@@ -299,6 +299,15 @@ def test_equalization_keeps_the_float_maps_and_levels_the_channels(exported):
     spread_before = np.median([v.max() / np.median(v) for v in before.values()])
     spread_after = np.median([v.max() / np.median(v) for v in after.values()])
     assert spread_before > 3 and spread_after < 1.01, (spread_before, spread_after)
+    # Each refinement stage reads the previous stage's PAF and heatmaps through a Concat with
+    # the backbone features: those maps (largest values about 1) are scaled up to the Concat's
+    # largest channel, so one int8 scale fits the whole Concat.
+    via_concat = [p for p in pairs if p.read != p.tensor]
+    assert len(via_concat) == 10, [p.tensor for p in via_concat]
+    cat = q8._channel_stats(eq, sorted({p.read for p in via_concat}), batches, "absmax")
+    for p in via_concat:
+        assert before[p.tensor].max() < 0.2 * cat[p.read].max()
+        np.testing.assert_allclose(np.median(after[p.tensor]), cat[p.read].max(), rtol=1e-3)
     a = _ort_proto(proto).run(None, {"input_1:0": x})
     b = _ort_proto(eq).run(None, {"input_1:0": x})
     for u, v in zip(a, b):
@@ -354,13 +363,17 @@ def test_int8_scope_backbone_refuses_a_one_stage_network(tmp_path):
     assert not (tmp_path / "q.onnx").exists()
 
 
-def test_a_version_1_cache_is_refused(int8_run, models, tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_cache_is_refused(int8_run, models, tmp_path, version):
+    """Version 1 had no equalization or bias correction, version 2 no equalization through
+    the stages' Concat nodes: their ranges do not fit what this bpnet quantizes."""
     d, first = int8_run
     assert first.exit_code == 0, first.output
     doc = json.loads((d / "cal.json").read_text())
-    assert doc["version"] == 2 and doc["equalization"] and doc["bias_correction"]
-    old = {k: v for k, v in doc.items() if k not in ("equalization", "bias_correction")}
-    old["version"] = 1
+    assert doc["version"] == 3 and doc["equalization"] and doc["bias_correction"]
+    old = dict(doc, version=version)
+    if version == 1:
+        old = {k: v for k, v in old.items() if k not in ("equalization", "bias_correction")}
     (tmp_path / "old.json").write_text(json.dumps(old))
     r = invoke("export", "-m", models["lite"], "-o", tmp_path / "q.onnx", "--data_type", "int8",
                "--cal_cache_file", tmp_path / "old.json", "--cal_method", "minmax",

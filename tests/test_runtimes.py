@@ -127,6 +127,33 @@ def test_onnx_runtimes_give_keras_maps_on_a_tiny_model(tiny, runtime):
     assert ho.shape == (2, 3, 4, POSE5.heat_channels)
 
 
+@pytest.mark.skipif(not runtime_installed("openvino"), reason="openvino is not installed")
+def test_inference_precision_bf16_is_openvinos_and_said_in_status(tiny, spec_file, tmp_path):
+    """--inference_precision bf16: OpenVINO computes in bfloat16 where the CPU can (the maps
+    move by bfloat16's rounding, not more) and status.json says which; with a Keras file it is
+    one clear error."""
+    x = np.random.default_rng(3).normal(size=(1, 40, 56, 3)).astype(np.float32)
+    h32, p32 = load_runner(tiny["onnx"], runtime="openvino").run(x)
+    r16 = load_runner(tiny["onnx"], runtime="openvino", precision="bf16")
+    h16, p16 = r16.run(x)
+    assert r16.described["inference_precision"] in ("bf16", "f32")
+    np.testing.assert_allclose(h16, h32, atol=0.05 * np.abs(h32).max())
+    np.testing.assert_allclose(p16, p32, atol=0.05 * np.abs(p32).max())
+    img = tmp_path / "one.png"
+    cv2.imwrite(str(img), np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8))
+    r = invoke("inference", "-i", spec_file, "-m", tiny["onnx"], "--input_type", "image",
+               "--input", img, "--inference_precision", "bf16", "-r", tmp_path / "r")
+    assert r.exit_code == 0, r.output
+    status = json.loads((tmp_path / "r" / "status.json").read_text())
+    assert status["runtime"] == "openvino"
+    assert status["inference_precision"] == r16.described["inference_precision"]
+    r = invoke("inference", "-i", spec_file, "-m", tiny["keras"], "--input_type", "image",
+               "--input", img, "--inference_precision", "bf16", "-r", tmp_path / "k")
+    assert r.exit_code == 1
+    assert "inference_precision bf16 is OpenVINO's" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_a_missing_runtime_is_one_clear_error(tiny, spec_file, tmp_path, monkeypatch):
     """OpenVINO absent (its import made to fail): asking for it names the extra to install,
     auto falls back to ONNX Runtime, and the command says it in one line."""

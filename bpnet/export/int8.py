@@ -27,7 +27,10 @@ activation ranges, without changing what it computes:
   leave channels of one tensor hundreds of times apart (the imported
   mobilenet_thin's depthwise outputs: largest values from 0.05 to 230), which
   one per-tensor int8 scale cannot hold; depthwise and per-output-channel
-  weight quantization are unaffected by the scaling.
+  weight quantization are unaffected by the scaling. A refinement stage reads
+  the previous stage's maps through a Concat with the backbone features
+  (largest values about 1 against about 25): those maps' channels are scaled
+  up to the Concat's largest channel, so that one scale fits the Concat.
 - bias correction: each quantized convolution's bias absorbs the mean shift
   its rounded weights cause (minus the weight error times the mean input per
   channel over the calibration pictures), so that rounding does not add up
@@ -50,7 +53,7 @@ import logging
 import tempfile
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -67,7 +70,7 @@ DEFAULT_CAL_METHOD = "percentile"
 #: Network input size of the calibration pictures when the export has no fixed size.
 DEFAULT_CAL_HW = (368, 496)
 CACHE_FORMAT = "bpnet-int8-calibration"
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 #: --int8_scope: what is quantized.
 SCOPES = ("all", "backbone")
 SEED = 0
@@ -176,8 +179,8 @@ def read_cache(path, model_sha256: str, method: str, graph_sha256: str) -> dict:
     if doc.get("version", 0) > CACHE_VERSION:
         raise BpnetError(f"--cal_cache_file {p}: written by a newer bpnet")
     if doc.get("version", 0) < CACHE_VERSION:
-        raise BpnetError(f"--cal_cache_file {p}: written by an older bpnet (without equalization "
-                         "and bias correction); delete it or name a new file to calibrate again")
+        raise BpnetError(f"--cal_cache_file {p}: written by an older bpnet (its calibration "
+                         "does not fit this one's); delete it or name a new file to calibrate again")
     if doc.get("source_model_sha256") != model_sha256:
         raise BpnetError(f"--cal_cache_file {p}: made for another model (sha256 "
                          f"{str(doc.get('source_model_sha256'))[:12]}..., this model "
@@ -276,43 +279,102 @@ def _is_depthwise(node, weight_shape) -> bool:
     return _attr(node, "group", 1) == weight_shape[0] and weight_shape[1] == 1
 
 
-def equalization_pairs(proto) -> List[Tuple[str, object, list]]:
-    """(tensor, producing Conv, consuming Convs) where per-channel scaling is exact.
+@dataclass
+class EqualizationLink:
+    """A tensor whose channels can be scaled exactly: ``producer`` makes it, ``readers`` read it.
 
-    The tensor is a Conv's output or the ReLU of it (ReLU(s x) = s ReLU(x) for
-    s > 0); every consumer is a Conv reading it as its data input, ordinary or
-    depthwise (one weight slice per channel); no weight is shared.
+    ``tensor`` is a Conv's output or the ReLU of it (ReLU(s x) = s ReLU(x) for s > 0). The
+    readers are Convs reading ``read`` as their data input: ``tensor`` itself, or a Concat
+    that holds ``tensor``'s channels from ``offset`` on (each refinement stage concatenates
+    the previous stage's maps with the backbone features).
+    """
+
+    tensor: str
+    producer: object
+    readers: list
+    read: str
+    offset: int = 0
+
+
+def _conv_output(tensor, made_by, consumers):
+    """(Conv making ``tensor`` directly or through a ReLU read only here, or None)."""
+    n = made_by.get(tensor)
+    if n is not None and n.op_type == "Relu" and len(consumers.get(n.input[0], [])) == 1:
+        n = made_by.get(n.input[0])
+    return n if n is not None and n.op_type == "Conv" else None
+
+
+def _channel_count(tensor, made_by, inits) -> Optional[int]:
+    """Channels of a tensor made by a Conv, through ReLU/MaxPool/Concat; None if unknown."""
+    n = made_by.get(tensor)
+    while n is not None and n.op_type in ("Relu", "MaxPool"):
+        n = made_by.get(n.input[0])
+    if n is None:
+        return None
+    if n.op_type == "Conv" and n.input[1] in inits:
+        return int(inits[n.input[1]].dims[0])
+    if n.op_type == "Concat" and _attr(n, "axis") == 1:
+        counts = [_channel_count(t, made_by, inits) for t in n.input]
+        return None if None in counts else sum(counts)
+    return None
+
+
+def equalization_pairs(proto) -> List[EqualizationLink]:
+    """Every tensor whose channels can be scaled exactly, with its producer and readers.
+
+    Every reader is a Conv reading the tensor (or a Concat holding it) as its data input,
+    ordinary or depthwise (one weight slice per channel); no weight is shared; the tensor
+    is not a graph output.
     """
     from onnx import numpy_helper as nh
     inits, consumers, uses = _graph_maps(proto.graph)
+    made_by = {o: n for n in proto.graph.node for o in n.output}
     graph_outputs = {o.name for o in proto.graph.output}
-    pairs = []
+
+    def owns_weights(n):
+        return (n.op_type == "Conv" and len(n.input) >= 2 and uses.get(n.input[1]) == 1
+                and (len(n.input) < 3 or not n.input[2] or uses.get(n.input[2]) == 1))
+
+    def readers_fit(read, channels, offset):
+        readers = consumers.get(read, [])
+        if not readers or read in graph_outputs:
+            return None
+        for r in readers:
+            if r.op_type != "Conv" or r.input[0] != read or not owns_weights(r):
+                return None
+            w = nh.to_array(inits[r.input[1]])
+            if not (_attr(r, "group", 1) == 1 and w.shape[1] >= offset + channels
+                    or _is_depthwise(r, w.shape) and w.shape[0] >= offset + channels):
+                return None
+        return readers
+
+    links = []
     for n in proto.graph.node:
-        if n.op_type != "Conv" or len(n.input) < 2 or uses.get(n.input[1]) != 1:
-            continue
-        if n.output[0] in graph_outputs:  # scaling it would change what the model returns
-            continue
-        if len(n.input) > 2 and n.input[2] and uses.get(n.input[2]) != 1:
+        if not owns_weights(n) or n.output[0] in graph_outputs:
             continue
         tensor, readers = n.output[0], consumers.get(n.output[0], [])
         if len(readers) == 1 and readers[0].op_type == "Relu":
             tensor = readers[0].output[0]
             readers = consumers.get(tensor, [])
-            if tensor in graph_outputs:
-                continue
-        if not readers or any(r.op_type != "Conv" or r.input[0] != tensor
-                              or uses.get(r.input[1]) != 1 for r in readers):
+        if tensor in graph_outputs:
             continue
         channels = inits[n.input[1]].dims[0]
-        ok = True
-        for r in readers:
-            w = nh.to_array(inits[r.input[1]])
-            if not (_attr(r, "group", 1) == 1 and w.shape[1] == channels
-                    or _is_depthwise(r, w.shape) and w.shape[0] == channels):
-                ok = False
-        if ok:
-            pairs.append((tensor, n, readers))
-    return pairs
+        if len(readers) == 1 and readers[0].op_type == "Concat" and _attr(readers[0], "axis") == 1:
+            cat = readers[0]
+            counts = [_channel_count(t, made_by, inits) for t in cat.input]
+            if None in counts or list(cat.input).count(tensor) != 1:
+                continue
+            offset = sum(counts[:list(cat.input).index(tensor)])
+            fit = readers_fit(cat.output[0], channels, offset)
+            if fit is not None:
+                links.append(EqualizationLink(tensor, n, fit, cat.output[0], offset))
+            continue
+        fit = readers_fit(tensor, channels, 0)
+        if fit is not None and all(
+                nh.to_array(inits[r.input[1]]).shape[1 if _attr(r, "group", 1) == 1 else 0]
+                == channels for r in fit):
+            links.append(EqualizationLink(tensor, n, fit, tensor))
+    return links
 
 
 def _run_with_outputs(proto, names: Sequence[str]):
@@ -348,18 +410,23 @@ def _channel_stats(proto, names: Sequence[str], batches, stat: str) -> Dict[str,
 def equalization_scales(proto, batches, floor: float = 1e-2) -> Dict[str, np.ndarray]:
     """Per equalizable tensor, the channel scales that give every channel the largest range.
 
-    A channel that never exceeds ``floor`` of the largest is scaled as if it
-    reached it (a dead channel is not blown up).
+    The largest range is the tensor's own largest channel, or, for a tensor read through a
+    Concat, the Concat's largest channel: one int8 scale then fits the previous stage's
+    maps (largest values about 1) and the backbone features (about 25) alike. A channel
+    that never exceeds ``floor`` of that is scaled as if it reached it (a dead channel is
+    not blown up).
     """
-    pairs = equalization_pairs(proto)
-    top = _channel_stats(proto, [t for t, _, _ in pairs], batches, "absmax")
+    links = equalization_pairs(proto)
+    top = _channel_stats(proto, [x.tensor for x in links] + [x.read for x in links], batches,
+                         "absmax")
     scales = {}
-    for tensor, _, _ in pairs:
-        r = top[tensor].astype(np.float64)
-        if not np.isfinite(r).all() or r.max() <= 0:
+    for x in links:
+        r = top[x.tensor].astype(np.float64)
+        target = float(top[x.read].max())
+        if not np.isfinite(r).all() or not np.isfinite(target) or target <= 0:
             continue
-        r = np.maximum(r, floor * r.max())
-        scales[tensor] = (r.max() / r).astype(np.float32)
+        r = np.maximum(r, floor * target)
+        scales[x.tensor] = (target / r).astype(np.float32)
     return scales
 
 
@@ -374,21 +441,26 @@ def apply_equalization(proto, scales: Dict[str, Sequence[float]]):
     def update(name, fn):
         inits[name].CopyFrom(nh.from_array(fn(nh.to_array(inits[name])).astype(np.float32), name))
 
-    pairs = {t: (n, readers) for t, n, readers in equalization_pairs(model)}
+    links = {x.tensor: x for x in equalization_pairs(model)}
     for tensor, s in scales.items():
-        if tensor not in pairs:
+        if tensor not in links:
             raise BpnetError(f"the calibration's equalization does not fit this network "
                              f"(tensor {tensor!r}); calibrate again")
         s = np.asarray(s, np.float32)
-        producer, readers = pairs[tensor]
-        update(producer.input[1], lambda w: w * s.reshape(-1, 1, 1, 1))
-        if len(producer.input) > 2 and producer.input[2]:
-            update(producer.input[2], lambda b: b * s)
-        for r in readers:
-            if _attr(r, "group", 1) == 1:
-                update(r.input[1], lambda w: w / s.reshape(1, -1, 1, 1))
-            else:
-                update(r.input[1], lambda w: w / s.reshape(-1, 1, 1, 1))
+        x = links[tensor]
+        update(x.producer.input[1], lambda w: w * s.reshape(-1, 1, 1, 1))
+        if len(x.producer.input) > 2 and x.producer.input[2]:
+            update(x.producer.input[2], lambda b: b * s)
+        part = slice(x.offset, x.offset + len(s))
+        for r in x.readers:
+            def divide(w, grouped=_attr(r, "group", 1) == 1):
+                w = w.copy()
+                if grouped:
+                    w[:, part] /= s.reshape(1, -1, 1, 1)
+                else:
+                    w[part] /= s.reshape(-1, 1, 1, 1)
+                return w
+            update(r.input[1], divide)
     return model
 
 

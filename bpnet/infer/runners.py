@@ -113,6 +113,14 @@ class Runner(abc.ABC):
         """[B, H, W, C] float32 -> (heatmaps [B, h, w, J+1], PAFs [B, h, w, 2E])."""
 
     @property
+    def described(self) -> dict:
+        """What status.json says of the runner: the runtime (and OpenVINO's precision)."""
+        out = {"runtime": self.runtime}
+        if getattr(self, "inference_precision", None):
+            out["inference_precision"] = self.inference_precision
+        return out
+
+    @property
     def model_meta(self) -> ModelMeta:
         """``meta``, checked (read from ``meta`` so that a runner may set only that)."""
         return parse_meta(self.meta, self.path or type(self).__name__)
@@ -342,6 +350,12 @@ class OpenVinoRunner(Runner):
                       "INFERENCE_NUM_THREADS": int(threads or usable_cores()),
                       "INFERENCE_PRECISION_HINT": inference_precision}
             self.compiled = core.compile_model(model, device, config)
+            got = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+            got = got.get_type_name() if hasattr(got, "get_type_name") else str(got)
+            if inference_precision == "bf16" and got != "bf16":
+                log.warning("%s: this CPU has no bfloat16 instructions; OpenVINO computes in "
+                            "%s", path, got)
+                self.inference_precision = got
         except BpnetError:
             raise
         except Exception as e:  # OpenVINO raises RuntimeError subclasses with long texts
@@ -555,8 +569,12 @@ def _what_to_do(kind: str, runtime: str, path) -> str:
 
 
 def load_runner(path, key: Optional[str] = None, stage: Optional[int] = None,
-                runtime: Optional[str] = "auto") -> Runner:
-    """A runner for a model file in the runtime asked for (``auto``: the fastest installed)."""
+                runtime: Optional[str] = "auto", precision: Optional[str] = None) -> Runner:
+    """A runner for a model file in the runtime asked for (``auto``: the fastest installed).
+
+    ``precision``: OpenVINO's inference precision, ``f32`` or ``bf16`` (None:
+    OpenVinoRunner.default_precision); bf16 with another runtime is an error.
+    """
     if path is None or str(path) == "":
         raise BpnetError("no model given: pass -m/--model_filename or set model_path in the "
                          "inference spec")
@@ -567,12 +585,18 @@ def load_runner(path, key: Optional[str] = None, stage: Optional[int] = None,
     if p.is_dir():
         raise BpnetError(f"{p}: is a folder; pass the model file (.keras / .onnx)")
     rt = choose_runtime(p, runtime)
+    if precision not in (None, "f32", "bf16"):
+        raise BpnetError(f"inference_precision {precision!r}: choose f32 or bf16")
+    if precision == "bf16" and rt != "openvino":
+        raise BpnetError(f"inference_precision bf16 is OpenVINO's, but {p.name} runs in {rt}: "
+                         "use an .onnx file with --runtime openvino (pip install "
+                         "\"bpnet[openvino]\"), or inference_precision f32")
     if rt == "tensorrt":
         return TensorRTRunner(p, stage=stage)
     if rt == "onnxruntime":
         return OnnxRunner(p, stage=stage)
     if rt == "openvino":
-        return OpenVinoRunner(p, stage=stage)
+        return OpenVinoRunner(p, stage=stage, inference_precision=precision)
     try:
         return KerasRunner(p, key=key, stage=stage)
     except BpnetError:

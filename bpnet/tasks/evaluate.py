@@ -144,10 +144,11 @@ def format_table(kpi: dict, extra: Optional[dict] = None) -> str:
 
 def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=None, key=None,
              status=None, show_progress: bool = True, batch_size: int = 4,
-             runtime=None) -> dict:
+             runtime=None, precision=None) -> dict:
     """The ``bpnet evaluate`` task body; returns the summary stored in status.json.
 
-    ``batch_size``: pictures per network call, as in ``bpnet inference``.
+    ``batch_size``: pictures per network call, as in ``bpnet inference``. ``runtime``,
+    ``precision``: override the spec's runtime and inference_precision.
     """
     from tqdm import tqdm
 
@@ -182,7 +183,7 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
                          f"under {images_dir}; check root_directory_path and images_root_dir_path")
 
     predictor = Predictor(infer_spec, model_path=model_path, key=key, batch_size=batch_size,
-                          runtime=runtime)
+                          runtime=runtime, precision=precision)
     model_desc = str(model_path or infer_spec.model_path)
     mapping = check_pose_matches(predictor.pose, list(cat.keypoints), dataset_spec_path, model_desc)
 
@@ -236,4 +237,4 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
              timing["network_ms_median"], timing["decode_ms_median"])
     return {"kpi": kpi, "images_evaluated": len(evaluated), "images_missing": len(missing),
             "images_unreadable": unreadable, "detections": len(coco_dets), **timing,
-            "runtime": predictor.runner.runtime}
+            **predictor.runner.described}

@@ -58,10 +58,10 @@ PICTURE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\
 def run_inference(inference_spec, model_filename=None, input_type="dir", input_path=None,
                   results_dir="results/inference", image_root_path=None, key=None,
                   dump_visualizations=False, batch_size=4, max_frames=0, status=None,
-                  progress=True, runtime=None, threaded=True) -> dict:
+                  progress=True, runtime=None, threaded=True, precision=None) -> dict:
     """The ``bpnet inference`` task body; returns the summary stored in status.json.
 
-    ``runtime``: overrides the spec's (None: the spec's, default auto).
+    ``runtime``, ``precision``: override the spec's runtime and inference_precision.
     ``threaded``: overlap reading, preprocessing, network and decoding (the
     same outputs as ``False``, which runs them one after the other).
     """
@@ -80,8 +80,9 @@ def run_inference(inference_spec, model_filename=None, input_type="dir", input_p
     if input_type == "video":
         _check_video_input(input_path)
     predictor = Predictor(spec, model_path=model_filename, key=key, batch_size=batch_size,
-                          runtime=runtime)
-    log.info("model %s runs in %s", predictor.runner.path, predictor.runner.runtime)
+                          runtime=runtime, precision=precision)
+    log.info("model %s runs in %s", predictor.runner.path,
+             " ".join(predictor.runner.described.values()))
     doc = spec_doc(predictor, inference_spec)
     run = _Run(predictor, out, doc, dump_visualizations, batch_size, status, progress,
                threaded)
@@ -173,7 +174,7 @@ class _Run:
         self.status = status
         self.progress = progress
         self.threaded = threaded
-        self.runtime = predictor.runner.runtime
+        self.runner_info = predictor.runner.described
         self.entries, self.coco = [], []
         self.n_people = 0
         self._last_checkpoint = time.monotonic()
@@ -184,7 +185,7 @@ class _Run:
     def _write(self, skipped=None, complete=True, interrupted=False, total=None, lines=None,
                jsonl=None):
         from ..infer.outputs import write_detections
-        extra = {"complete": complete, "runtime": self.runtime}
+        extra = {"complete": complete, **self.runner_info}
         if interrupted:
             extra["interrupted"] = True
         if not complete and total:
@@ -211,7 +212,7 @@ class _Run:
         log.warning("stopped after %d %s%s: %s", done, unit,
                     f" of {total}" if total else "", kept)
         summary = {"interrupted": True, unit: done, "people": self.n_people,
-                   "runtime": self.runtime, "kept": kept}
+                   **self.runner_info, "kept": kept}
         if total:
             summary["total"] = total
         if self.status is not None:
@@ -269,12 +270,13 @@ class _Run:
             raise BpnetError(f"none of the {len(items)} input images could be read "
                              f"(first problem: {skipped[-1]['reason'] if skipped else '?'})")
         summary = {"images": len(self.entries), "skipped": len(skipped),
-                   "people": self.n_people, "runtime": self.runtime, **timer.summary()}
+                   "people": self.n_people, **self.runner_info, **timer.summary()}
         self._write(skipped=skipped)
         log.info("inference: %d images (%d skipped), %d people, %.1f ms/image, %.1f images/s "
                  "(median: network %.1f, decode %.1f ms; %s) -> %s", len(self.entries),
                  len(skipped), self.n_people, summary["ms_per_image"], summary["fps"],
-                 summary["network_ms_median"], summary["decode_ms_median"], self.runtime, out)
+                 summary["network_ms_median"], summary["decode_ms_median"],
+                 " ".join(self.runner_info.values()), out)
         return summary
 
     # ------------------------------------------------------------ video
@@ -361,13 +363,13 @@ class _Run:
         if writer is not None:
             writer.close(keep=True)
         summary = {"frames": len(self.entries), "skipped": 0, "people": self.n_people,
-                   "runtime": self.runtime, **timer.summary(), "tracks": tracker.ids_given}
+                   **self.runner_info, **timer.summary(), "tracks": tracker.ids_given}
         self._write(lines=lines, jsonl=jsonl)
         if interrupted:
             summary["interrupted"] = True
         log.info("video: %d frames, %d people, %d tracks, %.1f ms/frame, %.1f fps (%s) -> %s",
                  summary["frames"], self.n_people, summary["tracks"], summary["ms_per_image"],
-                 summary["fps"], self.runtime, out)
+                 summary["fps"], " ".join(self.runner_info.values()), out)
         return summary
 
     def _stop_video(self, cap, bar, writer):
