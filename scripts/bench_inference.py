@@ -10,7 +10,7 @@
              --ap / --no_ap (imported network only)  --work DIR (models and ONNX files, reused)
 
 One line per model x runtime x precision x height:
-    {"model", "runtime", "precision", "input": [H, W], "ms_network", "ms_decode", "ms_pre",
+    {"model", "runtime", "precision", "streams", "input": [H, W], "ms_network", "ms_decode", "ms_pre",
      "fps_end_to_end", "frames", "people_per_frame", + "ap_val", "ap_train" with --ap}
 and a first line with the machine: cores, load average, versions.
 
@@ -30,11 +30,15 @@ specs/infer_spec_mobilenet_thin.yaml; ``vgg``, the default BpNetModel with rando
 (speed only; its INT8 file is calibrated all the same; exporting it takes about 12 GB of
 memory). ONNX files come from `bpnet export`
 (fp32; --data_type int8 calibrated on 10 coco_tiny train2017 pictures (the export default: percentile), with
---int8_scope all = ``int8`` and backbone = ``int8_backbone``); OpenVINO also computes the fp32
-file in bfloat16 (``bf16``; --no_bf16 leaves it out); Keras runs fp32 only. AP (``--ap``, default on for the imported network): COCO keypoint AP of
-`bpnet evaluate` on coco_tiny val2017 (4 images) and train2017 (80 images) at that height,
-with the same runtime and file. A runtime that is not installed is reported on one line
-and skipped.
+--int8_scope all = ``int8`` and backbone = ``int8_backbone``); OpenVINO also computes each
+file in bfloat16 (--inference_precision bf16: ``bf16`` for the fp32 file, ``int8+bf16`` and
+``int8_backbone+bf16`` for the float layers of the INT8 files; --no_bf16 leaves them out),
+and runs each with 1 and 2 streams (``streams``: frames in the network at once, the
+pipeline's network stage with as many threads; --streams). Keras runs fp32 only. AP
+(``--ap``, default on for the imported network): COCO keypoint AP of `bpnet evaluate` on
+coco_tiny val2017 (4 images) and train2017 (80 images) at that height, with the same runtime,
+file and precision (once, on the 1-stream row: the streams do not change the maps). A
+runtime that is not installed is reported on one line and skipped.
 """
 
 from __future__ import annotations
@@ -160,7 +164,21 @@ def _save_vgg(path):
     save_model(model, path, meta)
 
 
-def evaluate_ap(spec_path, model_file, runtime, dataset_spec, d: Path):
+def configurations(runtime, precisions, bf16: bool, stream_counts):
+    """(file precision, OpenVINO compute precision or None, streams) to time for a runtime.
+
+    Keras runs its fp32 model; ONNX Runtime each file; OpenVINO each file in float32 and
+    (``bf16``) in bfloat16, each with every count of ``stream_counts``.
+    """
+    if runtime == "keras":
+        return [("fp32", None, 1)]
+    if runtime != "openvino":
+        return [(p, None, 1) for p in precisions]
+    computes = ["f32", "bf16"] if bf16 else ["f32"]
+    return [(p, c, s) for p in precisions for c in computes for s in stream_counts]
+
+
+def evaluate_ap(spec_path, model_file, runtime, dataset_spec, d: Path, precision=None):
     from bpnet.tasks.evaluate import evaluate
     ds = json.loads((REPO / "data_pose_config" / dataset_spec).read_text())
     ds["root_directory_path"] = str(COCO_TINY)
@@ -169,7 +187,7 @@ def evaluate_ap(spec_path, model_file, runtime, dataset_spec, d: Path):
     spec.write_text(json.dumps(ds))
     with contextlib.redirect_stdout(sys.stderr):  # evaluate prints its KPI table
         out = evaluate(str(spec_path), str(spec), str(d / "ev"), model_path=str(model_file),
-                       runtime=runtime, show_progress=False)
+                       runtime=runtime, show_progress=False, precision=precision)
     return round(float(out["kpi"]["AP_0.50:0.95_all"]), 4)
 
 
@@ -184,7 +202,9 @@ def main():
     ap.add_argument("--ap", dest="ap", action="store_true", default=True)
     ap.add_argument("--no_ap", dest="ap", action="store_false")
     ap.add_argument("--no_bf16", dest="bf16", action="store_false",
-                    help="leave out OpenVINO computing the fp32 file in bfloat16")
+                    help="leave out OpenVINO computing the files in bfloat16")
+    ap.add_argument("--streams", default="1,2",
+                    help="OpenVINO stream counts to time (frames in the network at once)")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "bpnet_bench_inference"))
     a = ap.parse_args()
     if not VIDEO.exists():
@@ -192,7 +212,7 @@ def main():
     import logging
     logging.basicConfig(level=logging.WARNING)
 
-    from bpnet.infer.runners import OpenVinoRunner, runtime_installed, usable_cores
+    from bpnet.infer.runners import runtime_installed, usable_cores
     from bpnet.infer.predictor import Predictor
     from bpnet.specs import load_inference_spec
     versions = {}
@@ -209,6 +229,7 @@ def main():
             print(json.dumps({"runtime": r, "skipped": "not installed"}), flush=True)
     runtimes = [r for r in runtimes if runtime_installed(r)]
     precisions = [p for p in a.precisions.split(",") if p]
+    stream_counts = [int(s) for s in a.streams.split(",") if s]
     heights = [h for h in a.heights.split(",") if h]
     work = Path(a.work)
     for name in a.models.split(","):
@@ -231,27 +252,25 @@ def main():
                                                  spec.keep_aspect_ratio_mode,
                                              "decoder": dataclasses.asdict(spec.decoder)}))
             for rt in runtimes:
-                precs = ["fp32"] if rt == "keras" else list(precisions)
-                if rt == "openvino" and "fp32" in precisions and a.bf16:
-                    precs.insert(precs.index("fp32") + 1, "bf16")
-                for prec in precs:
-                    model_file = files["keras"] if rt == "keras" else files[
-                        "fp32" if prec == "bf16" else prec]
-                    # bf16: the fp32 file, computed in bfloat16 by OpenVINO.
-                    OpenVinoRunner.default_precision = "bf16" if prec == "bf16" else "f32"
-                    pred = Predictor(spec, model_path=model_file, runtime=rt, batch_size=1)
-                    row = {"model": name, "runtime": rt, "precision": prec,
-                           "input": input_hw(pred), **time_video(pred, a.seconds, a.max_frames)}
+                for prec, compute, streams in configurations(rt, precisions, a.bf16,
+                                                             stream_counts):
+                    model_file = files["keras" if rt == "keras" else prec]
+                    pred = Predictor(spec, model_path=model_file, runtime=rt, batch_size=1,
+                                     precision=compute, streams=streams)
+                    label = prec if compute != "bf16" else (
+                        "bf16" if prec == "fp32" else f"{prec}+bf16")
+                    row = {"model": name, "runtime": rt, "precision": label,
+                           "streams": streams, "input": input_hw(pred),
+                           **time_video(pred, a.seconds, a.max_frames)}
                     del pred
                     gc.collect()
-                    if a.ap and name == "imported" and COCO_TINY.exists():
+                    # AP does not depend on the streams: measured once, with one.
+                    if a.ap and name == "imported" and COCO_TINY.exists() and streams == 1:
                         with tempfile.TemporaryDirectory() as td:
-                            row["ap_val"] = evaluate_ap(spec_file, model_file, rt,
-                                                        "coco_tiny_spec.json", Path(td))
-                            row["ap_train"] = evaluate_ap(spec_file, model_file, rt,
-                                                          "coco_tiny_train_as_test_spec.json",
-                                                          Path(td))
-                    OpenVinoRunner.default_precision = "f32"
+                            for key, ds in (("ap_val", "coco_tiny_spec.json"),
+                                            ("ap_train", "coco_tiny_train_as_test_spec.json")):
+                                row[key] = evaluate_ap(spec_file, model_file, rt, ds, Path(td),
+                                                       compute)
                     row["load_avg_1min"] = round(os.getloadavg()[0], 2)
                     print(json.dumps(row), flush=True)
 

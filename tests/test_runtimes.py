@@ -237,6 +237,43 @@ def test_pipeline_keeps_order_passes_errors_and_stops_when_closed():
     assert threading.active_count() <= before
 
 
+def test_a_stage_with_several_workers_keeps_order_and_runs_them_at_once():
+    """workers=[1, 3, 1]: three threads compute the middle stage at the same time (items of
+    uneven cost finish out of order) and the results still come out in source order; an error
+    there comes after the items before it; closing early stops every thread."""
+    from bpnet.infer.overlap import pipeline
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def uneven(x):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.001 * ((7 * x) % 5))
+        with lock:
+            running[0] -= 1
+        if x == 37:
+            raise KeyError("item 37")
+        return x * 3
+    got = []
+    with pytest.raises(KeyError, match="item 37"):
+        for v in pipeline(range(60), [lambda x: x, uneven, lambda x: x + 1],
+                          workers=[1, 3, 1]):
+            got.append(v)
+    assert got == [3 * k + 1 for k in range(37)]
+    assert peak[0] >= 2
+    assert list(pipeline(range(30), [uneven], workers=[4])) == [3 * k for k in range(30)]
+    assert list(pipeline(range(30), [uneven], workers=[4], threaded=False)) == \
+        [3 * k for k in range(30)]
+    with pytest.raises(ValueError, match="one count"):
+        list(pipeline(range(3), [uneven], workers=[0]))
+    before = threading.active_count()
+    gen = pipeline(iter(range(10 ** 9)), [uneven], workers=[3])
+    assert [next(gen) for _ in range(5)] == [0, 3, 6, 9, 12]
+    gen.close()
+    time.sleep(0.3)
+    assert threading.active_count() <= before
+
+
 def _clip(path, n=9, size=(96, 64)):
     vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, size)
     rng = np.random.default_rng(4)
@@ -259,11 +296,15 @@ def _frames_of(video):
         out.append(f)
 
 
-@pytest.mark.parametrize("batch_size,max_frames", [(1, 0), (3, 4)])
+@pytest.mark.parametrize("batch_size,max_frames,streams", [
+    (1, 0, 1), (3, 4, 1),
+    pytest.param(1, 0, 2, marks=pytest.mark.skipif(not runtime_installed("openvino"),
+                                                   reason="openvino is not installed"))])
 def test_threaded_video_writes_what_a_sequential_run_writes(imported, tmp_path, batch_size,
-                                                            max_frames):
+                                                            max_frames, streams):
     """The real network on the demo video: the threaded run's per-frame JSON, detections and
-    annotated video equal the sequential run's, --max_frames included."""
+    annotated video equal the sequential run's, --max_frames included; with two OpenVINO
+    streams (two frames in the network at once) too."""
     need(DEMO_VIDEO)
     from bpnet.tasks.inference import run_inference
     spec = tmp_path / "s.yaml"
@@ -273,8 +314,10 @@ def test_threaded_video_writes_what_a_sequential_run_writes(imported, tmp_path, 
         out = tmp_path / f"out_{threaded}"
         summary = run_inference(str(spec), str(imported["onnx"]), "video", str(DEMO_VIDEO), out,
                                 dump_visualizations=True, batch_size=batch_size,
-                                max_frames=max_frames, progress=False, threaded=threaded)
+                                max_frames=max_frames, progress=False, threaded=threaded,
+                                streams=streams)
         assert summary["frames"] == (max_frames or 5) and summary["fps"] > 0
+        assert summary.get("streams", 1) == streams
         outs[threaded] = out
     seq, par = outs[False], outs[True]
     a = (seq / "demo_frames.jsonl").read_text()

@@ -94,8 +94,9 @@ def detect(predictor, pictures: Iterable, batch_size: Optional[int] = None, *,
                 d.people, d.timings = people, timings
         return chunk
 
+    # The network stage gets as many threads as the runner takes calls at once.
     for chunk in pipeline(chunks, [prepare, infer, finish], threaded=threaded,
-                          name="bpnet-detect"):
+                          name="bpnet-detect", workers=[1, predictor.runner.parallel_calls, 1]):
         yield from chunk
 
 

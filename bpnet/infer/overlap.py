@@ -17,6 +17,11 @@ thread within about a tenth of a second after the call it is in returns.
 ``threaded=False`` runs the same stages one after the other in the caller's
 thread: the same results, for comparison and debugging.
 
+``workers`` gives a stage several threads (e.g. the network stage with two
+OpenVINO streams, two frames in flight): they take items in order, compute
+at the same time, and hand results on in the order they took them, so the
+output order is still the source's.
+
 Pure Python (threading, queue); nothing of bpnet's.
 """
 
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 _END = object()
 _POLL_S = 0.1
@@ -80,9 +85,66 @@ def _worker(fn: Callable, inp: queue.Queue, out: queue.Queue, stop: threading.Ev
             return
 
 
+class _Turnstile:
+    """Several workers of one stage: items are taken one at a time with a ticket, and results
+    leave in ticket order."""
+
+    def __init__(self):
+        self.take = threading.Lock()
+        self.turn = threading.Condition()
+        self.next_ticket = 0
+        self.next_out = 0
+        self.done = False
+
+    def get(self, inp: queue.Queue, stop: threading.Event):
+        with self.take:
+            if self.done:
+                return None, _END
+            item = _get(inp, stop)
+            if item is _END or isinstance(item, _Failure):
+                self.done = True
+            ticket = self.next_ticket
+            self.next_ticket += 1
+            return ticket, item
+
+    def put(self, ticket: int, out: queue.Queue, item, stop: threading.Event) -> bool:
+        with self.turn:
+            while self.next_out != ticket:
+                if stop.is_set():
+                    return False
+                self.turn.wait(timeout=_POLL_S)
+            ok = _put(out, item, stop)
+            self.next_out += 1
+            self.turn.notify_all()
+            return ok
+
+
+def _shared_worker(fn: Callable, inp: queue.Queue, out: queue.Queue, stop: threading.Event,
+                   gate: _Turnstile):
+    while True:
+        ticket, item = gate.get(inp, stop)
+        if ticket is None:  # another worker took the end
+            return
+        if item is _END or isinstance(item, _Failure):
+            gate.put(ticket, out, item, stop)
+            return
+        try:
+            result = fn(item)
+        except BaseException as e:  # noqa: BLE001 -- handed to the consumer, re-raised there
+            gate.done = True  # no more items taken (a plain flag: the lock may be busy)
+            gate.put(ticket, out, _Failure(e), stop)
+            return
+        if not gate.put(ticket, out, result, stop):
+            return
+
+
 def pipeline(source: Iterable, stages: Sequence[Callable], *, threaded: bool = True,
-             queue_size: int = 2, name: str = "bpnet") -> Iterator:
-    """Each source item through every stage, results in source order (see the module doc)."""
+             queue_size: int = 2, name: str = "bpnet",
+             workers: Optional[Sequence[int]] = None) -> Iterator:
+    """Each source item through every stage, results in source order (see the module doc).
+
+    ``workers``: threads per stage (default one each).
+    """
     if not threaded:
         for item in source:
             for fn in stages:
@@ -93,9 +155,20 @@ def pipeline(source: Iterable, stages: Sequence[Callable], *, threaded: bool = T
     queues = [queue.Queue(maxsize=max(1, queue_size)) for _ in range(len(stages) + 1)]
     threads = [threading.Thread(target=_reader, args=(iter(source), queues[0], stop),
                                 name=f"{name}-read", daemon=True)]
+    counts = list(workers) if workers is not None else [1] * len(stages)
+    if len(counts) != len(stages) or min(counts, default=1) < 1:
+        raise ValueError(f"workers {counts}: one count >= 1 per stage")
     for k, fn in enumerate(stages):
-        threads.append(threading.Thread(target=_worker, args=(fn, queues[k], queues[k + 1], stop),
-                                        name=f"{name}-stage{k + 1}", daemon=True))
+        if counts[k] == 1:
+            threads.append(threading.Thread(target=_worker,
+                                            args=(fn, queues[k], queues[k + 1], stop),
+                                            name=f"{name}-stage{k + 1}", daemon=True))
+            continue
+        gate = _Turnstile()
+        for j in range(counts[k]):
+            threads.append(threading.Thread(target=_shared_worker,
+                                            args=(fn, queues[k], queues[k + 1], stop, gate),
+                                            name=f"{name}-stage{k + 1}.{j + 1}", daemon=True))
     for t in threads:
         t.start()
     try:

@@ -55,10 +55,12 @@ class Predictor:
 
     def __init__(self, infer_spec=None, model_path=None, key: Optional[str] = None,
                  runner: Optional[Runner] = None, batch_size: int = 8,
-                 runtime: Optional[str] = None, precision: Optional[str] = None):
+                 runtime: Optional[str] = None, precision: Optional[str] = None,
+                 streams: Optional[int] = None):
         """``runtime``: what runs the network (bpnet.infer.runners.RUNTIMES); None: the
         spec's ``runtime`` (default auto, the fastest installed for the file).
-        ``precision``: OpenVINO's f32 or bf16; None: the spec's ``inference_precision``."""
+        ``precision``: OpenVINO's f32 or bf16; None: the spec's ``inference_precision``.
+        ``streams``: OpenVINO's network calls in flight; None: the spec's ``streams``."""
         if infer_spec is None:
             spec = InferenceSpec()
         elif isinstance(infer_spec, InferenceSpec):
@@ -68,7 +70,8 @@ class Predictor:
         self.spec = spec
         self.runner = runner if runner is not None else load_runner(
             model_path or spec.model_path, key=key, stage=spec.output_stage_to_use,
-            runtime=runtime or spec.runtime, precision=precision or spec.inference_precision)
+            runtime=runtime or spec.runtime, precision=precision or spec.inference_precision,
+            streams=streams or spec.streams)
         self.pose = self.runner.pose
         self.stride = self.runner.stride
         self.norm = _normalization(self.runner, spec)

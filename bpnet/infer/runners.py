@@ -34,6 +34,7 @@ import importlib
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -107,6 +108,10 @@ class Runner(abc.ABC):
     fixed_batch: Optional[int] = None
     path: str = ""
     runtime: str = ""  # one of RUNTIMES (not "auto"): what runs the model
+    #: Network calls that may run at the same time from different threads, each at full
+    #: speed (OpenVINO with streams > 1); the video and folder pipelines keep that many
+    #: frames in flight.
+    parallel_calls: int = 1
 
     @abc.abstractmethod
     def run(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -118,7 +123,17 @@ class Runner(abc.ABC):
         out = {"runtime": self.runtime}
         if getattr(self, "inference_precision", None):
             out["inference_precision"] = self.inference_precision
+        if self.parallel_calls > 1:
+            out["streams"] = self.parallel_calls
         return out
+
+    @property
+    def label(self) -> str:
+        """The runtime for a log line, e.g. ``openvino (bf16, 2 streams)``."""
+        d = self.described
+        details = [d[k] for k in ("inference_precision",) if k in d]
+        details += [f"{d['streams']} streams"] if "streams" in d else []
+        return f"{self.runtime} ({', '.join(details)})" if details else self.runtime
 
     @property
     def model_meta(self) -> ModelMeta:
@@ -320,7 +335,10 @@ class OpenVinoRunner(Runner):
     dynamic batch, height and width kept dynamic: on the CPU plugin that runs
     as fast as a model compiled for one fixed shape (measured: within 5 %),
     without a compile per picture size. LATENCY hint, one stream, threads =
-    the usable cores. ``inference_precision`` "f32" (default) computes in
+    the usable cores. ``streams`` > 1: that many streams share the cores (THROUGHPUT
+    style), and that many threads may call ``run`` at once, each with its own
+    request: more frames per second on a video, each frame slower. ``inference_precision``
+    "f32" (default) computes in
     float32 as the file says; OpenVINO's own default on CPUs with bfloat16
     instructions (AVX512-BF16, AMX) is "bf16", which is faster and moves the
     maps (and the AP) a little, so it is asked for explicitly only.
@@ -331,8 +349,10 @@ class OpenVinoRunner(Runner):
     default_precision = "f32"
 
     def __init__(self, path, stage: Optional[int] = None, device: str = "CPU",
-                 threads: Optional[int] = None, inference_precision: Optional[str] = None):
+                 threads: Optional[int] = None, inference_precision: Optional[str] = None,
+                 streams: int = 1):
         ov = _import_runtime("openvino", path)
+        streams = max(1, int(streams))
         inference_precision = inference_precision or self.default_precision
         self.inference_precision = inference_precision
         self.path = str(path)
@@ -346,9 +366,12 @@ class OpenVinoRunner(Runner):
             dims = [None if d.is_dynamic else d.get_length() for d in pshape]
             self.input_name = model.inputs[0].get_any_name()
             _input_shape(self, dims)
-            config = {"PERFORMANCE_HINT": "LATENCY",
-                      "INFERENCE_NUM_THREADS": int(threads or usable_cores()),
+            config = {"INFERENCE_NUM_THREADS": int(threads or usable_cores()),
                       "INFERENCE_PRECISION_HINT": inference_precision}
+            if streams == 1:
+                config["PERFORMANCE_HINT"] = "LATENCY"
+            else:
+                config["NUM_STREAMS"] = streams
             self.compiled = core.compile_model(model, device, config)
             got = self.compiled.get_property("INFERENCE_PRECISION_HINT")
             got = got.get_type_name() if hasattr(got, "get_type_name") else str(got)
@@ -365,13 +388,17 @@ class OpenVinoRunner(Runner):
         names = [o.get_any_name() for o in self.compiled.outputs]
         self.output_names = _choose_outputs(self, names, stage)
         self._out_index = [names.index(n) for n in self.output_names]
-        self._request = self.compiled.create_infer_request()
+        self.parallel_calls = streams
+        self._local = threading.local()  # one infer request per calling thread
 
     def run(self, batch):
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        self._request.infer({0: batch})
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        request.infer({0: batch})
         # Copies: the request's output buffers are reused by the next call.
-        outs = [np.array(self._request.get_output_tensor(i).data, copy=True)
+        outs = [np.array(request.get_output_tensor(i).data, copy=True)
                 for i in self._out_index]
         return _split_outputs(_undo_upsample(outs, self.meta), self.pose, self.path,
                               self.output_names)
@@ -569,11 +596,13 @@ def _what_to_do(kind: str, runtime: str, path) -> str:
 
 
 def load_runner(path, key: Optional[str] = None, stage: Optional[int] = None,
-                runtime: Optional[str] = "auto", precision: Optional[str] = None) -> Runner:
+                runtime: Optional[str] = "auto", precision: Optional[str] = None,
+                streams: int = 1) -> Runner:
     """A runner for a model file in the runtime asked for (``auto``: the fastest installed).
 
     ``precision``: OpenVINO's inference precision, ``f32`` or ``bf16`` (None:
     OpenVinoRunner.default_precision); bf16 with another runtime is an error.
+    ``streams``: OpenVINO's streams (frames in flight); other runtimes run one at a time.
     """
     if path is None or str(path) == "":
         raise BpnetError("no model given: pass -m/--model_filename or set model_path in the "
@@ -591,12 +620,15 @@ def load_runner(path, key: Optional[str] = None, stage: Optional[int] = None,
         raise BpnetError(f"inference_precision bf16 is OpenVINO's, but {p.name} runs in {rt}: "
                          "use an .onnx file with --runtime openvino (pip install "
                          "\"bpnet[openvino]\"), or inference_precision f32")
+    if streams > 1 and rt != "openvino":
+        log.warning("streams %d: only OpenVINO runs several network calls at once; %s runs "
+                    "one at a time", streams, rt)
     if rt == "tensorrt":
         return TensorRTRunner(p, stage=stage)
     if rt == "onnxruntime":
         return OnnxRunner(p, stage=stage)
     if rt == "openvino":
-        return OpenVinoRunner(p, stage=stage, inference_precision=precision)
+        return OpenVinoRunner(p, stage=stage, inference_precision=precision, streams=streams)
     try:
         return KerasRunner(p, key=key, stage=stage)
     except BpnetError:

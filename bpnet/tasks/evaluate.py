@@ -148,7 +148,8 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
     """The ``bpnet evaluate`` task body; returns the summary stored in status.json.
 
     ``batch_size``: pictures per network call, as in ``bpnet inference``. ``runtime``,
-    ``precision``: override the spec's runtime and inference_precision.
+    ``precision``: override the spec's runtime and inference_precision. The pictures run
+    one at a time, so the spec's ``streams`` does not apply.
     """
     from tqdm import tqdm
 
@@ -183,7 +184,7 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
                          f"under {images_dir}; check root_directory_path and images_root_dir_path")
 
     predictor = Predictor(infer_spec, model_path=model_path, key=key, batch_size=batch_size,
-                          runtime=runtime, precision=precision)
+                          runtime=runtime, precision=precision, streams=1)
     model_desc = str(model_path or infer_spec.model_path)
     mapping = check_pose_matches(predictor.pose, list(cat.keypoints), dataset_spec_path, model_desc)
 

@@ -58,10 +58,12 @@ PICTURE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\
 def run_inference(inference_spec, model_filename=None, input_type="dir", input_path=None,
                   results_dir="results/inference", image_root_path=None, key=None,
                   dump_visualizations=False, batch_size=4, max_frames=0, status=None,
-                  progress=True, runtime=None, threaded=True, precision=None) -> dict:
+                  progress=True, runtime=None, threaded=True, precision=None,
+                  streams=None) -> dict:
     """The ``bpnet inference`` task body; returns the summary stored in status.json.
 
-    ``runtime``, ``precision``: override the spec's runtime and inference_precision.
+    ``runtime``, ``precision``, ``streams``: override the spec's runtime,
+    inference_precision and streams.
     ``threaded``: overlap reading, preprocessing, network and decoding (the
     same outputs as ``False``, which runs them one after the other).
     """
@@ -80,9 +82,8 @@ def run_inference(inference_spec, model_filename=None, input_type="dir", input_p
     if input_type == "video":
         _check_video_input(input_path)
     predictor = Predictor(spec, model_path=model_filename, key=key, batch_size=batch_size,
-                          runtime=runtime, precision=precision)
-    log.info("model %s runs in %s", predictor.runner.path,
-             " ".join(predictor.runner.described.values()))
+                          runtime=runtime, precision=precision, streams=streams)
+    log.info("model %s runs in %s", predictor.runner.path, predictor.runner.label)
     doc = spec_doc(predictor, inference_spec)
     run = _Run(predictor, out, doc, dump_visualizations, batch_size, status, progress,
                threaded)
@@ -175,6 +176,7 @@ class _Run:
         self.progress = progress
         self.threaded = threaded
         self.runner_info = predictor.runner.described
+        self.runner_label = predictor.runner.label
         self.entries, self.coco = [], []
         self.n_people = 0
         self._last_checkpoint = time.monotonic()
@@ -276,7 +278,7 @@ class _Run:
                  "(median: network %.1f, decode %.1f ms; %s) -> %s", len(self.entries),
                  len(skipped), self.n_people, summary["ms_per_image"], summary["fps"],
                  summary["network_ms_median"], summary["decode_ms_median"],
-                 " ".join(self.runner_info.values()), out)
+                 self.runner_label, out)
         return summary
 
     # ------------------------------------------------------------ video
@@ -369,7 +371,7 @@ class _Run:
             summary["interrupted"] = True
         log.info("video: %d frames, %d people, %d tracks, %.1f ms/frame, %.1f fps (%s) -> %s",
                  summary["frames"], self.n_people, summary["tracks"], summary["ms_per_image"],
-                 summary["fps"], " ".join(self.runner_info.values()), out)
+                 summary["fps"], self.runner_label, out)
         return summary
 
     def _stop_video(self, cap, bar, writer):
