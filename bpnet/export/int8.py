@@ -296,14 +296,6 @@ class EqualizationLink:
     offset: int = 0
 
 
-def _conv_output(tensor, made_by, consumers):
-    """(Conv making ``tensor`` directly or through a ReLU read only here, or None)."""
-    n = made_by.get(tensor)
-    if n is not None and n.op_type == "Relu" and len(consumers.get(n.input[0], [])) == 1:
-        n = made_by.get(n.input[0])
-    return n if n is not None and n.op_type == "Conv" else None
-
-
 def _channel_count(tensor, made_by, inits) -> Optional[int]:
     """Channels of a tensor made by a Conv, through ReLU/MaxPool/Concat; None if unknown."""
     n = made_by.get(tensor)
@@ -335,7 +327,8 @@ def equalization_pairs(proto) -> List[EqualizationLink]:
         return (n.op_type == "Conv" and len(n.input) >= 2 and uses.get(n.input[1]) == 1
                 and (len(n.input) < 3 or not n.input[2] or uses.get(n.input[2]) == 1))
 
-    def readers_fit(read, channels, offset):
+    def readers_fit(read, total):
+        """The Convs reading ``read`` (``total`` channels), if all can take the scaling."""
         readers = consumers.get(read, [])
         if not readers or read in graph_outputs:
             return None
@@ -343,8 +336,8 @@ def equalization_pairs(proto) -> List[EqualizationLink]:
             if r.op_type != "Conv" or r.input[0] != read or not owns_weights(r):
                 return None
             w = nh.to_array(inits[r.input[1]])
-            if not (_attr(r, "group", 1) == 1 and w.shape[1] >= offset + channels
-                    or _is_depthwise(r, w.shape) and w.shape[0] >= offset + channels):
+            if not (_attr(r, "group", 1) == 1 and w.shape[1] == total
+                    or _is_depthwise(r, w.shape) and w.shape[0] == total):
                 return None
         return readers
 
@@ -365,14 +358,12 @@ def equalization_pairs(proto) -> List[EqualizationLink]:
             if None in counts or list(cat.input).count(tensor) != 1:
                 continue
             offset = sum(counts[:list(cat.input).index(tensor)])
-            fit = readers_fit(cat.output[0], channels, offset)
+            fit = readers_fit(cat.output[0], sum(counts))
             if fit is not None:
                 links.append(EqualizationLink(tensor, n, fit, cat.output[0], offset))
             continue
-        fit = readers_fit(tensor, channels, 0)
-        if fit is not None and all(
-                nh.to_array(inits[r.input[1]]).shape[1 if _attr(r, "group", 1) == 1 else 0]
-                == channels for r in fit):
+        fit = readers_fit(tensor, channels)
+        if fit is not None:
             links.append(EqualizationLink(tensor, n, fit, tensor))
     return links
 
