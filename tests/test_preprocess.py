@@ -15,7 +15,7 @@ from bpnet.infer.preprocess import (PAD_VALUE, ImageReadError, Normalization, ap
                                     plan_geometry, read_image, to_bgr8, unflip_maps, warp_maps)
 from bpnet.pose import load_pose_config
 from bpnet.specs import default_pose_config_path
-from conftest import COCO_VAL_ANN, need
+from conftest import COCO_VAL_ANN, SHARED_IMAGES, need
 
 POSE = load_pose_config(default_pose_config_path())
 MODES = [None, "adjust_network_input", "pad_image_input"]
@@ -221,3 +221,21 @@ def test_preprocess_has_no_tensorflow_import():
     import subprocess
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("scale,offset", [((256.0,) * 3, (0.5,) * 3), ((255.0,) * 3, (0.0,) * 3),
+                                          ((58.4, 57.1, 57.4), (2.1, 2.0, 1.8))])
+def test_normalization_table_gives_the_formulas_numbers(scale, offset):
+    """The lookup table of uint8 pictures gives exactly x / scale - offset in float32, RGB, on
+    a real photo, a cut-out view of it and a mirrored view; other dtypes use the formula."""
+    need(SHARED_IMAGES)
+    photo = read_image(sorted(SHARED_IMAGES.glob("*.jpg"))[0])
+    norm = Normalization(scale, offset)
+    for img in (photo, photo[7:301, 11:397], photo[:, ::-1]):
+        got = norm.apply(img)
+        want = img[:, :, ::-1].astype(np.float32) / np.asarray(scale, np.float32) \
+            - np.asarray(offset, np.float32)
+        assert got.dtype == np.float32 and got.shape == img.shape
+        np.testing.assert_array_equal(got, want)
+    as_float = photo.astype(np.float32)
+    np.testing.assert_array_equal(norm.apply(as_float), norm.apply(photo))
