@@ -884,11 +884,11 @@ class InferenceSpec:
     # What runs the network (bpnet.infer.runners.RUNTIMES); --runtime overrides it.
     runtime: str = choice_field("auto", ["auto", "keras", "onnxruntime", "openvino", "tensorrt"])
     # OpenVINO only: bf16 computes the float layers in bfloat16 on CPUs that have it
-    # (AVX512-BF16, AMX): about 1.9x faster, the maps move a little; --inference_precision
+    # (AVX512-BF16, AMX): 1.7-1.9x faster, the maps move a little; --inference_precision
     # overrides it.
     inference_precision: str = choice_field("f32", ["f32", "bf16"])
     # OpenVINO only: network calls in flight at once in video and folder runs (2 on a 2-core
-    # CPU: 5-18 % more frames per second, each frame slower); --streams overrides it.
+    # CPU: 0-18 % more frames per second, each frame slower); --streams overrides it.
     streams: int = 1
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
