@@ -35,7 +35,7 @@ import numpy as np
 from ..errors import BpnetError
 from ..model.meta import STRIDE
 from . import augment as aug
-from .images import decode_image, file_problem
+from .images import decode_image, file_problem, normalization_lut
 from .labels import render_labels
 from .records import first_record, split_files
 
@@ -128,10 +128,9 @@ class SampleProcessor:
         norm = dl.normalization_params
         self.mask_scale = float(norm.mask_scale[0])
         self.mask_offset = float(norm.mask_offset[0])
-        scale = np.asarray(norm.image_scale[:self.channels], np.float32)
-        offset = np.asarray(norm.image_offset[:self.channels], np.float32)
         # x/scale - offset for every uint8 value and channel: one table lookup.
-        self._lut = (np.arange(256, dtype=np.float32)[:, None] / scale - offset).reshape(1, 256, -1)
+        self._lut = normalization_lut(tuple(norm.image_scale[:self.channels]),
+                                      tuple(norm.image_offset[:self.channels]))
 
     def normalize(self, image: np.ndarray) -> np.ndarray:
         """uint8 RGB [H, W, C] -> float32 x/scale - offset per channel (normalization_params).

@@ -131,8 +131,8 @@ class Runner(abc.ABC):
     def label(self) -> str:
         """The runtime for a log line, e.g. ``openvino (bf16, 2 streams)``."""
         d = self.described
-        details = [d[k] for k in ("inference_precision",) if k in d]
-        details += [f"{d['streams']} streams"] if "streams" in d else []
+        details = ([d["inference_precision"]] if "inference_precision" in d else []) + \
+            ([f"{d['streams']} streams"] if "streams" in d else [])
         return f"{self.runtime} ({', '.join(details)})" if details else self.runtime
 
     @property
