@@ -125,22 +125,70 @@ def keras_to_onnx(model, *, batch: Optional[int] = None,
 def _canonical_names(graph):
     """Name every inner tensor by its node's place and op type ("t12_Conv").
 
-    tf2onnx's names carry process-wide counters (``mul_1__4103``) and Keras'
-    call counts (``stage_2``), so two conversions of one model differ; the
-    INT8 cache is keyed by tensor name and needs names that do not.
+    tf2onnx's names carry process-wide counters (``mul_1__4103``,
+    ``const_fold_opt__1537``) and Keras' call counts (``stage_2``), so two
+    conversions of one model differ; the INT8 cache is keyed by tensor name
+    and by the graph's fingerprint, and needs names that do not. Constants
+    are named by their first reader's place and input slot ("c12_1"). The
+    places are those of ``_order_by_structure``: tf2onnx's node order, too,
+    changes from one conversion to the next.
     """
+    _order_by_structure(graph)
     keep = {v.name for v in graph.input} | {v.name for v in graph.output}
+    inits = {i.name for i in graph.initializer}
     mapping = {}
     for i, node in enumerate(graph.node):
         node.name = f"n{i}_{node.op_type}"
+        for j, name in enumerate(node.input):
+            if name in inits and name not in mapping:  # constants: by their first reader
+                mapping[name] = f"c{i}_{j}"
         for j, out in enumerate(node.output):
             if out and out not in keep:
                 mapping[out] = f"t{i}_{node.op_type}" + (f"_{j}" if j else "")
     for node in graph.node:
         node.input[:] = [mapping.get(n, n) for n in node.input]
         node.output[:] = [mapping.get(n, n) for n in node.output]
-    for v in graph.value_info:
+    for v in list(graph.value_info) + list(graph.initializer):
         v.name = mapping.get(v.name, v.name)
+    place: dict = {}
+    for name in (n for node in graph.node for n in node.input):
+        place.setdefault(name, len(place))
+    constants = sorted(graph.initializer, key=lambda i: place.get(i.name, len(place)))
+    copies = [type(c)() for c in constants]
+    for c, i in zip(copies, constants):
+        c.CopyFrom(i)
+    del graph.initializer[:]
+    graph.initializer.extend(copies)
+
+
+def _order_by_structure(graph):
+    """Order ``graph.node`` by the graph's structure alone: depth first from the outputs,
+    each node's inputs in their order, a node after everything it reads.
+
+    Any topological order is valid ONNX; this one depends on no name, so two
+    conversions of one model list their nodes alike. Nodes no output needs
+    (none, after tf2onnx's optimizers) keep their order at the end.
+    """
+    made_by = {o: n for n in graph.node for o in n.output if o}
+    placed, ordered = set(), []
+    for out in graph.output:
+        stack = [(made_by.get(out.name), 0)]
+        while stack:
+            node, k = stack.pop()
+            if node is None or id(node) in placed:
+                continue
+            if k < len(node.input):
+                stack.append((node, k + 1))
+                stack.append((made_by.get(node.input[k]), 0))
+            else:
+                placed.add(id(node))
+                ordered.append(node)
+    ordered += [n for n in graph.node if id(n) not in placed]
+    copies = [type(n)() for n in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def graph_fingerprint(proto) -> str:
