@@ -131,7 +131,7 @@ def test_evaluate_rejects_dataset_spec_without_test_data(tmp_path, model_file):
     assert json.loads((out / "status.json").read_text())["status"] == "FAILURE"
 
 
-def test_evaluate_skips_and_counts_missing_and_unreadable_images(tmp_path, model_file):
+def test_evaluate_skips_and_counts_missing_unreadable_and_resized_images(tmp_path, model_file):
     import cv2
     from bpnet.tasks.evaluate import evaluate
     ann = json.loads((COCO_TINY / "annotations" / "person_keypoints_val2017.json").read_text())
@@ -142,20 +142,29 @@ def test_evaluate_skips_and_counts_missing_and_unreadable_images(tmp_path, model
     first = ann["images"][0]
     src = cv2.imread(str(imgs / first["file_name"]))
     cv2.imwrite(str(imgs / "deep.png"), src.astype(np.uint16) * 257)
+    # A resized copy under the original's annotation: its keypoints would be scored wrongly.
+    cv2.imwrite(str(imgs / "small.jpg"), cv2.resize(src, (src.shape[1] // 2, src.shape[0] // 2)))
     ann["images"].append({"id": 999999001, "file_name": "not_there.jpg", "width": 640, "height": 480})
     ann["images"].append({"id": 999999002, "file_name": "corrupt.jpg", "width": 640, "height": 480})
     ann["images"].append({**first, "id": 999999003, "file_name": "deep.png"})
+    ann["images"].append({**first, "id": 999999004, "file_name": "small.jpg"})
+    ann["annotations"].extend({**a, "id": 999999100 + k, "image_id": 999999004}
+                              for k, a in enumerate(ann["annotations"])
+                              if a["image_id"] == first["id"])
     ann_path = tmp_path / "ann.json"
     ann_path.write_text(json.dumps(ann))
     ds = _dataset_spec(tmp_path, images_root_dir_path=str(imgs), annotation_root_dir_path=str(ann_path))
     out = evaluate(REPO / "specs" / "infer_spec_mobilenet_thin.yaml", ds, tmp_path / "r",
                    model_path=model_file, show_progress=False)
     assert out["images_missing"] == 1 and out["images_unreadable"] == 1
-    assert out["images_evaluated"] == 5
+    assert out["images_wrong_size"] == 1 and out["images_evaluated"] == 5
     det = json.loads((tmp_path / "r" / "detections.json").read_text())
-    assert {Path(s["path"]).name for s in det["skipped"]} == {"not_there.jpg", "corrupt.jpg"}
+    skipped = {Path(s["path"]).name: s["reason"] for s in det["skipped"]}
+    assert set(skipped) == {"not_there.jpg", "corrupt.jpg", "small.jpg"}
+    assert skipped["small.jpg"] == (f"{src.shape[1] // 2}x{src.shape[0] // 2} pixels, but the "
+                                    f"annotations say {first['width']}x{first['height']}")
     by_name = {Path(im["full_image_path"]).name: im for im in det["images"]}
-    assert "not_there.jpg" not in by_name and "corrupt.jpg" not in by_name
+    assert not {"not_there.jpg", "corrupt.jpg", "small.jpg"} & set(by_name)
     assert by_name["deep.png"]["keypoints"] == by_name[first["file_name"]]["keypoints"]
 
 

@@ -133,6 +133,16 @@ def run_cocoeval(coco_gt, results, image_ids):
     return {k: float(v) for k, v in zip(KPI_NAMES, ev.stats)}
 
 
+def size_mismatch(coco, image_id, hw) -> Optional[str]:
+    """Why a picture of ``hw`` (height, width) does not fit its annotation; None if it does
+    (or the annotation gives no size)."""
+    entry = coco.imgs.get(image_id, {})
+    want = entry.get("height"), entry.get("width")
+    if None in want or tuple(int(v) for v in want) == tuple(hw):
+        return None
+    return f"{hw[1]}x{hw[0]} pixels, but the annotations say {want[1]}x{want[0]}"
+
+
 def format_table(kpi: dict, extra: Optional[dict] = None) -> str:
     rows = list(kpi.items()) + list((extra or {}).items())
     width = max(len(k) for k, _ in rows)
@@ -197,11 +207,18 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
 
     det_images, coco_dets, evaluated = [], [], []
     skipped = [{"path": it.path, "reason": "file not found"} for it in missing]
-    unreadable = 0
+    unreadable = resized = 0
     timer = RunTimer()
     bar = tqdm(total=len(present), desc="evaluate", unit="img", disable=not show_progress)
     for n, d in enumerate(detect(predictor, present, batch_size), start=1):
-        if d.ok:
+        wrong_size = d.ok and size_mismatch(coco, d.item.image_id, d.image.shape[:2])
+        if wrong_size:
+            # The keypoints are in the annotated picture's pixels: a resized or another picture
+            # would be scored against the wrong places.
+            log.warning("%s: %s; skipped", d.item.path, wrong_size)
+            skipped.append({"path": d.item.path, "reason": wrong_size})
+            resized += 1
+        elif d.ok:
             timer.add(d.timings)
             det_images.append(image_entry(d.item.path, d.people, image_id=d.item.image_id,
                                           hw=d.image.shape[:2]))
@@ -216,7 +233,9 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
             status.progress(n, len(present), message=f"evaluating {d.item.file.name}")
     bar.close()
     if not evaluated:
-        raise BpnetError(f"none of the test images under {images_dir} could be decoded")
+        why = (f"{resized} differ in size from their annotations (resized copies?)" if resized
+               else "none could be decoded")
+        raise BpnetError(f"none of the test images under {images_dir} could be evaluated: {why}")
     timing = timer.summary()
 
     kpi = run_cocoeval(coco, coco_dets, evaluated)
@@ -232,10 +251,11 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
             w.writerow([k, f"{v:.6f}"])
         for k, v in timing.items():
             w.writerow([k, f"{v:.2f}"])
-    log.info("evaluated %d images (%d missing, %d unreadable): AP %.4f, AP50 %.4f, AR %.4f; "
-             "median network %.1f ms, decoding %.1f ms per image", len(evaluated), len(missing),
-             unreadable, kpi["AP_0.50:0.95_all"], kpi["AP_0.5"], kpi["AR_0.50:0.95_all"],
+    log.info("evaluated %d images (%d missing, %d unreadable, %d of another size): AP %.4f, "
+             "AP50 %.4f, AR %.4f; median network %.1f ms, decoding %.1f ms per image",
+             len(evaluated), len(missing), unreadable, resized, kpi["AP_0.50:0.95_all"], kpi["AP_0.5"], kpi["AR_0.50:0.95_all"],
              timing["network_ms_median"], timing["decode_ms_median"])
     return {"kpi": kpi, "images_evaluated": len(evaluated), "images_missing": len(missing),
-            "images_unreadable": unreadable, "detections": len(coco_dets), **timing,
+            "images_unreadable": unreadable, "images_wrong_size": resized,
+            "detections": len(coco_dets), **timing,
             **predictor.runner.described}
