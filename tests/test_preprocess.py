@@ -113,7 +113,10 @@ def test_read_image_handles_real_files_and_rejects_bad_ones(tmp_path):
     assert read_image(tmp_path / "deep.png")[0, 0, 0] == round(40000 / 257)
     (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     (tmp_path / "empty.png").write_bytes(b"")
-    for name, msg in (("corrupt.jpg", "not a readable image"), ("empty.png", "empty file"),
+    (tmp_path / "garbage.png").write_bytes(b"neither a PNG nor anything else")
+    (tmp_path / "folder.jpg").mkdir()
+    for name, msg in (("corrupt.jpg", "truncated JPEG"), ("empty.png", "empty file"),
+                      ("garbage.png", "not a decodable image"), ("folder.jpg", "is a folder"),
                       ("missing.png", "file not found")):
         with pytest.raises(ImageReadError, match=msg):
             read_image(tmp_path / name)

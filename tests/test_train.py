@@ -342,7 +342,7 @@ def test_image_deleted_after_conversion_is_one_clear_error(sample, tmp_path):
     assert p.returncode != 0
     line = error_line(p)
     # The pipeline names the missing file (its own check, or the OS's message).
-    assert ("missing" in line or "No such file or directory" in line) \
+    assert ("file not found" in line or "No such file or directory" in line) \
         and str(data / "images" / "train") in line, line
     assert "Traceback" not in p.stderr and "function_node" not in p.stderr and "[[" not in line
     status = json.loads((tmp_path / "run" / "status.json").read_text())

@@ -64,12 +64,8 @@ def file_problem(path) -> str | None:
             if size > 4096 + 8:
                 f.seek(size - 4096)
             tail = f.read()
-    except FileNotFoundError:
-        return "missing"
-    except IsADirectoryError:
-        return "is a folder, not an image file"
     except OSError as e:
-        return f"unreadable ({e.strerror or e})"
+        return open_problem(e)
     if size == 0:
         return "empty file (0 bytes)"
     if head[:2] == JPEG_SOI and JPEG_EOI not in (head + tail)[-4096:]:
@@ -151,18 +147,22 @@ def decode_image(data, flags: int | None = None) -> tuple[np.ndarray | None, str
     return img, None
 
 
+def open_problem(e: OSError) -> str:
+    """What an OSError from opening an image file means, in a user's words."""
+    if isinstance(e, FileNotFoundError):
+        return "file not found"
+    if isinstance(e, IsADirectoryError):
+        return "is a folder, not an image file"
+    return f"cannot read ({e.strerror or e})"
+
+
 def read_image_file(path, flags: int | None = None) -> tuple[np.ndarray | None, str | None]:
     """``decode_image`` of a file: (image, None) or (None, problem); the problem
-    includes a missing, unreadable or folder path."""
+    includes a missing, unreadable or folder path (``open_problem``)."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return None, "missing"
-    except IsADirectoryError:
-        return None, "is a folder, not an image file"
+        data = np.fromfile(str(path), dtype=np.uint8)  # any file name, also non-ASCII
     except OSError as e:
-        return None, f"unreadable ({e.strerror or e})"
+        return None, open_problem(e)
     return decode_image(data, flags)
 
 

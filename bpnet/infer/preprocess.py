@@ -101,22 +101,11 @@ def read_image(path) -> np.ndarray:
     The file is decoded as stored (no EXIF rotation), like COCO's
     annotations and pycocotools expect.
     """
-    path = Path(path)
-    try:
-        data = np.fromfile(str(path), dtype=np.uint8)  # also for non-ASCII names
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise ImageReadError(f"{path}: is a folder, not an image file") from None
-    except (PermissionError, OSError) as e:
-        raise ImageReadError(f"{path}: cannot read ({e.strerror or e})") from None
-    if data.size == 0:
-        raise ImageReadError(f"{path}: empty file")
+    from ..data.images import read_image_file
     # Truncated files and JPEGs the decoder only warned about count as corrupt.
-    from ..data.images import decode_image
-    img, problem = decode_image(data, cv2.IMREAD_UNCHANGED)
+    img, problem = read_image_file(path, cv2.IMREAD_UNCHANGED)
     if problem:
-        raise ImageReadError(f"{path}: not a readable image ({problem})")
+        raise ImageReadError(f"{path}: {problem}")
     return to_bgr8(img, str(path))
 
 
