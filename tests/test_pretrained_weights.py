@@ -129,6 +129,20 @@ def test_published_file_loads_into_the_vgg_backbone(vgg):
     np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-4, atol=1e-3)
 
 
+def test_weights_file_answer_follows_the_file(vgg, tmp_path):
+    """The answer is kept per file version: a file rewritten in place is looked at again."""
+    import shutil
+    from bpnet.model.imagenet import is_keras_weights_file
+    files, _ = vgg
+    path = tmp_path / "start.h5"
+    path.write_bytes(b"not HDF5 at all")
+    assert not is_keras_weights_file(path)
+    shutil.copyfile(files["keras3"], path)
+    assert is_keras_weights_file(path) and is_keras_weights_file(str(path))
+    path.unlink()
+    assert not is_keras_weights_file(path)
+
+
 @pytest.mark.parametrize("layout", ["with_top", "keras3", "model_h5"])
 def test_other_layouts_load_the_same(vgg, layout):
     from bpnet.model.imagenet import is_keras_weights_file, load_vgg19_imagenet

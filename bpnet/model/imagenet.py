@@ -43,6 +43,7 @@ The file layouts read (h5py only; no TensorFlow or Keras at import):
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from ..errors import BpnetError
@@ -78,7 +79,19 @@ def is_keras_weights_file(path) -> bool:
     Keras 2 model file holding VGG19's layers).
 
     Of a weights-only file it says nothing about which network's: ``open_vgg19`` checks that.
+    A run asks several times (the spec check, the load, the BatchNorm warm start); the answer
+    is kept per file version (path, size, modification time).
     """
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return False
+    return _is_keras_weights_file(str(p.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _is_keras_weights_file(path: str, size: int, mtime_ns: int) -> bool:
     from ..tao_files import HDF5_MAGIC, file_head
     p = Path(path)
     if file_head(p) != HDF5_MAGIC:
