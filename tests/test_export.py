@@ -122,6 +122,40 @@ def test_fp32_onnx_equals_keras_on_real_pictures(models, exported, name, sizes):
                 np.testing.assert_allclose(o, k, atol=1e-4 * min(1.0, scale), rtol=0)
 
 
+def test_direct_writer_folds_trained_batch_norms_and_falls_back_when_it_must(models):
+    """bpnet's layers are written to ONNX directly (not through tf2onnx), batch norms folded
+    into the convolutions before them: with statistics far from the initial ones (mean 0,
+    variance 1), on real pictures, at an odd size. Other layers go through tf2onnx."""
+    from bpnet.export.keras_graph import Unsupported, write_graph
+    from bpnet.export.onnx import keras_to_onnx
+    from bpnet.model.build import stage_model
+    from bpnet.model.io import load_model
+    model, meta = load_model(models["vgg"])
+    rng = np.random.default_rng(3)
+    norms = [la for la in model.layers if type(la).__name__ == "BatchNormalization"]
+    assert norms
+    for la in norms:
+        c = la.gamma.shape[0]
+        la.set_weights([rng.uniform(0.5, 2, c), rng.normal(0, 0.5, c), rng.normal(0, 0.3, c),
+                        rng.uniform(0.2, 3, c)])
+    proto = keras_to_onnx(model)
+    assert proto.producer_name == "bpnet"
+    assert not [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
+    x = _inputs(meta, (72, 88), 2)
+    paf, heat = ort.InferenceSession(proto.SerializeToString(),
+                                     providers=["CPUExecutionProvider"]).run(None, {"input_1:0": x})
+    k_heat, k_paf = [np.asarray(v) for v in stage_model(model)(x, training=False)]
+    for ours, keras_out in ((paf, k_paf), (heat, k_heat)):
+        assert np.abs(keras_out).max() > 1e-3  # a real signal, not zeros
+        np.testing.assert_allclose(ours, keras_out, atol=1e-4 * np.abs(keras_out).max() + 1e-6)
+    # The DeepStream upsample is not one of bpnet's layers: tf2onnx converts that file.
+    assert keras_to_onnx(model, paf_upsample=4).producer_name == "tf2onnx"
+    inp = keras.Input((None, None, 3))
+    added = keras.layers.Add()([keras.layers.Conv2D(4, 3, padding="same")(inp), inp[..., :1]])
+    with pytest.raises(Unsupported):
+        write_graph((inp, "input_1:0"), [(added, "out")], None, None, 3, 17)
+
+
 def test_meta_round_trip_and_runner(models, exported):
     from bpnet.export.onnx import file_sha256
     from bpnet.infer.runners import load_runner

@@ -1,4 +1,5 @@
-"""A bpnet Keras model as an ONNX file, converted with tf2onnx.
+"""A bpnet Keras model as an ONNX file, written layer by layer (``keras_graph``), or
+converted with tf2onnx where a layer is not one of bpnet's (and for the DeepStream file).
 
 What the file holds:
 
@@ -20,11 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 from ..errors import BpnetError
 from ..model.meta import ONNX_META_KEY, STRIDE
+
+log = logging.getLogger("bpnet.export")
 
 #: ONNX opset of exported files: ONNX Runtime and TensorRT 10/11 read it.
 OPSET = 17
@@ -90,11 +94,23 @@ def keras_to_onnx(model, *, batch: Optional[int] = None,
     Outputs [PAFs, heatmaps] named as TAO's. ``paf_upsample``: append the
     DeepStream upsample of the PAF output.
     """
+    from ..model.build import stage_model
+    from .keras_graph import Unsupported, write_graph
+    one = stage_model(model)
+    if not paf_upsample and len(one.inputs) == 1 and len(one.outputs) == 2:
+        # bpnet's layers written directly: the weights held once (tf2onnx needed 14 GB
+        # for the VGG model); anything else goes through tf2onnx below.
+        try:
+            proto = write_graph((one.inputs[0], INPUT_NAME),
+                                [(one.outputs[1], PAF_NAME), (one.outputs[0], HEATMAP_NAME)],
+                                batch, input_hw, channels, OPSET)
+        except Unsupported as e:
+            log.debug("ONNX: %s; converting with tf2onnx", e)
+        else:
+            _canonical_names(proto.graph)
+            return proto
     import tensorflow as tf
     import tf2onnx
-
-    from ..model.build import stage_model
-    one = stage_model(model)
     up = _upsample_layer(int(one.outputs[1].shape[-1]), paf_upsample) if paf_upsample else None
 
     def fn(x):
