@@ -154,6 +154,9 @@ def test_direct_writer_folds_trained_batch_norms_and_falls_back_when_it_must(mod
     added = keras.layers.Add()([keras.layers.Conv2D(4, 3, padding="same")(inp), inp[..., :1]])
     with pytest.raises(Unsupported):
         write_graph((inp, "input_1:0"), [(added, "out")], None, None, 3, 17)
+    pooled = keras.layers.MaxPooling2D(data_format="channels_first")(inp)
+    with pytest.raises(Unsupported, match="data_format"):
+        write_graph((inp, "input_1:0"), [(pooled, "out")], None, None, 3, 17)
 
 
 def test_meta_round_trip_and_runner(models, exported):

@@ -127,6 +127,8 @@ class _Writer:
     def layer(self, layer, xs: List[str], sources: list) -> str:
         """The ONNX nodes of ``layer`` reading ``xs``; ``sources``: the Keras tensors they are."""
         kind = type(layer).__name__
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            raise Unsupported(f"{layer.name}: data_format {layer.data_format}")
         if kind == "Conv2D":
             if layer.groups != 1:
                 raise Unsupported(f"{layer.name}: groups")
