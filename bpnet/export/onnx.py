@@ -185,24 +185,25 @@ def _order_by_structure(graph):
     conversions of one model list their nodes alike. Nodes no output needs
     (none, after tf2onnx's optimizers) keep their order at the end.
     """
-    made_by = {o: n for n in graph.node for o in n.output if o}
+    nodes = list(graph.node)
+    made_by = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     placed, ordered = set(), []
     for out in graph.output:
         stack = [(made_by.get(out.name), 0)]
         while stack:
-            node, k = stack.pop()
-            if node is None or id(node) in placed:
+            i, k = stack.pop()
+            if i is None or i in placed:
                 continue
-            if k < len(node.input):
-                stack.append((node, k + 1))
-                stack.append((made_by.get(node.input[k]), 0))
+            if k < len(nodes[i].input):
+                stack.append((i, k + 1))
+                stack.append((made_by.get(nodes[i].input[k]), 0))
             else:
-                placed.add(id(node))
-                ordered.append(node)
-    ordered += [n for n in graph.node if id(n) not in placed]
-    copies = [type(n)() for n in ordered]
-    for c, n in zip(copies, ordered):
-        c.CopyFrom(n)
+                placed.add(i)
+                ordered.append(i)
+    ordered += [i for i in range(len(nodes)) if i not in placed]
+    copies = [type(nodes[i])() for i in ordered]
+    for c, i in zip(copies, ordered):
+        c.CopyFrom(nodes[i])
     del graph.node[:]
     graph.node.extend(copies)
 
