@@ -144,7 +144,7 @@ def test_direct_writer_folds_trained_batch_norms_and_falls_back_when_it_must(mod
     x = _inputs(meta, (72, 88), 2)
     paf, heat = ort.InferenceSession(proto.SerializeToString(),
                                      providers=["CPUExecutionProvider"]).run(None, {"input_1:0": x})
-    k_heat, k_paf = [np.asarray(v) for v in stage_model(model)(x, training=False)]
+    k_heat, k_paf = [np.asarray(v) for v in stage_model(model)([x], training=False)]
     for ours, keras_out in ((paf, k_paf), (heat, k_heat)):
         assert np.abs(keras_out).max() > 1e-3  # a real signal, not zeros
         np.testing.assert_allclose(ours, keras_out, atol=1e-4 * np.abs(keras_out).max() + 1e-6)
