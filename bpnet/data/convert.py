@@ -52,13 +52,13 @@ def _check_image(job) -> Optional[str]:
     path, height, width, decode = job
     if not decode:  # a stat only: existence and a non-empty file
         import stat
-        from .images import open_problem
+        from .images import FOLDER_PROBLEM, open_problem
         try:
             st = os.stat(path)
         except OSError as e:
             return f"{path}: {open_problem(e)}"
         if stat.S_ISDIR(st.st_mode):
-            return f"{path}: {open_problem(IsADirectoryError())}"
+            return f"{path}: {FOLDER_PROBLEM}"
         return f"{path}: empty file (0 bytes)" if st.st_size == 0 else None
     from .images import read_image_file
     img, problem = read_image_file(path)

@@ -147,12 +147,16 @@ def decode_image(data, flags: int | None = None) -> tuple[np.ndarray | None, str
     return img, None
 
 
+#: What a folder given as an image file is told.
+FOLDER_PROBLEM = "is a folder, not an image file"
+
+
 def open_problem(e: OSError) -> str:
     """What an OSError from opening an image file means, in a user's words."""
     if isinstance(e, FileNotFoundError):
         return "file not found"
     if isinstance(e, IsADirectoryError):
-        return "is a folder, not an image file"
+        return FOLDER_PROBLEM
     return f"cannot read ({e.strerror or e})"
 
 

@@ -706,11 +706,8 @@ def sort_topologically(graph):
             raise BpnetError(f"the quantized graph has a cycle or a missing input (node "
                              f"{rest[0].name!r}); please report this")
         waiting = rest
-    copies = [type(n)() for n in ordered]
-    for c, n in zip(copies, ordered):
-        c.CopyFrom(n)
-    del graph.node[:]
-    graph.node.extend(copies)
+    from .onnx import replace_all
+    replace_all(graph.node, ordered)
 
 
 class _quiet_root_logger:

@@ -62,7 +62,7 @@ def _activation(layer) -> Optional[str]:
 class _Writer:
     def __init__(self):
         self.nodes: list = []
-        self.inits: list = []
+        self.inits: dict = {}  # name -> TensorProto
         self.conv_of: Dict[str, int] = {}  # tensor -> index of the Conv node that makes it
         self.count = 0
 
@@ -73,7 +73,7 @@ class _Writer:
     def const(self, base: str, array) -> str:
         from onnx import numpy_helper
         name = self.name(base)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
         return name
 
     def node(self, op: str, inputs: List[str], **attrs) -> str:
@@ -96,6 +96,8 @@ class _Writer:
     def fold_batch_norm(self, x: str, layer, sole_reader: bool) -> str:
         """``layer`` folded into the Conv that makes ``x`` when the BN is its only reader."""
         from onnx import numpy_helper
+        if layer.axis not in (-1, 3):
+            raise Unsupported(f"{layer.name}: axis {layer.axis}")
         v = np.asarray(layer.moving_variance, np.float64)
         m = np.asarray(layer.moving_mean, np.float64)
         g = np.asarray(layer.gamma, np.float64) if layer.scale else np.ones_like(v)
@@ -103,25 +105,22 @@ class _Writer:
         scale = g / np.sqrt(v + layer.epsilon)
         shift = b - m * scale
         k = self.conv_of.get(x)
-        if k is None or not sole_reader or layer.axis not in (-1, 3):
-            if layer.axis not in (-1, 3):
-                raise Unsupported(f"{layer.name}: axis {layer.axis}")
+        if k is None or not sole_reader:
             return self.node("BatchNormalization", [
                 x, self.const("scale", g.astype(np.float32)), self.const("bias", b.astype(np.float32)),
                 self.const("mean", m.astype(np.float32)), self.const("var", v.astype(np.float32))],
                 epsilon=float(layer.epsilon))
         node = self.nodes[k]
-        inits = {i.name: i for i in self.inits}
-        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
-        bias = (numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
-                if len(node.input) > 2 else np.zeros(w.shape[0]))
-        inits[node.input[1]].CopyFrom(numpy_helper.from_array(
-            (w * scale.reshape(-1, 1, 1, 1)).astype(np.float32), node.input[1]))
-        new_bias = (bias * scale + shift).astype(np.float32)
+        weight = node.input[1]
+        w = numpy_helper.to_array(self.inits[weight]).astype(np.float64)
+        self.inits[weight] = numpy_helper.from_array(
+            (w * scale.reshape(-1, 1, 1, 1)).astype(np.float32), weight)
         if len(node.input) > 2:
-            inits[node.input[2]].CopyFrom(numpy_helper.from_array(new_bias, node.input[2]))
+            bias = numpy_helper.to_array(self.inits[node.input[2]]).astype(np.float64)
+            self.inits[node.input[2]] = numpy_helper.from_array(
+                (bias * scale + shift).astype(np.float32), node.input[2])
         else:
-            node.input.append(self.const("B", new_bias))
+            node.input.append(self.const("B", shift.astype(np.float32)))
         return x
 
     def layer(self, layer, xs: List[str], sources: list) -> str:
@@ -223,7 +222,7 @@ def write_graph(inputs, outputs, batch: Optional[int], input_hw, channels: int, 
         [helper.make_tensor_value_info(name, TensorProto.FLOAT,
                                        [batch or "N", None, None, int(t.shape[-1])])
          for t, name in outputs],
-        initializer=w.inits)
+        initializer=list(w.inits.values()))
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="bpnet")
     proto.ir_version = 8

@@ -169,12 +169,18 @@ def _canonical_names(graph):
     place: dict = {}
     for name in (n for node in graph.node for n in node.input):
         place.setdefault(name, len(place))
-    constants = sorted(graph.initializer, key=lambda i: place.get(i.name, len(place)))
-    copies = [type(c)() for c in constants]
-    for c, i in zip(copies, constants):
-        c.CopyFrom(i)
-    del graph.initializer[:]
-    graph.initializer.extend(copies)
+    replace_all(graph.initializer,
+                sorted(graph.initializer, key=lambda i: place.get(i.name, len(place))))
+
+
+def replace_all(field, items):
+    """Make the repeated protobuf ``field`` hold ``items`` (some of its own elements,
+    reordered): copied first, since clearing the field invalidates them."""
+    copies = [type(m)() for m in items]
+    for c, m in zip(copies, items):
+        c.CopyFrom(m)
+    del field[:]
+    field.extend(copies)
 
 
 def _order_by_structure(graph):
@@ -201,11 +207,7 @@ def _order_by_structure(graph):
                 placed.add(i)
                 ordered.append(i)
     ordered += [i for i in range(len(nodes)) if i not in placed]
-    copies = [type(nodes[i])() for i in ordered]
-    for c, i in zip(copies, ordered):
-        c.CopyFrom(nodes[i])
-    del graph.node[:]
-    graph.node.extend(copies)
+    replace_all(graph.node, [nodes[i] for i in ordered])
 
 
 def graph_fingerprint(proto) -> str:

@@ -253,8 +253,9 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
             w.writerow([k, f"{v:.2f}"])
     log.info("evaluated %d images (%d missing, %d unreadable, %d of another size): AP %.4f, "
              "AP50 %.4f, AR %.4f; median network %.1f ms, decoding %.1f ms per image",
-             len(evaluated), len(missing), unreadable, resized, kpi["AP_0.50:0.95_all"], kpi["AP_0.5"], kpi["AR_0.50:0.95_all"],
-             timing["network_ms_median"], timing["decode_ms_median"])
+             len(evaluated), len(missing), unreadable, resized, kpi["AP_0.50:0.95_all"],
+             kpi["AP_0.5"], kpi["AR_0.50:0.95_all"], timing["network_ms_median"],
+             timing["decode_ms_median"])
     return {"kpi": kpi, "images_evaluated": len(evaluated), "images_missing": len(missing),
             "images_unreadable": unreadable, "images_wrong_size": resized,
             "detections": len(coco_dets), **timing,
