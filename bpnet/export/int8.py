@@ -236,9 +236,12 @@ def calibrate(proto, batches, method: str, progress: bool = False) -> Calibratio
                        {k: v.tolist() for k, v in deltas.items()})
 
 
-def quantize_calibrated(proto, cal: Calibration, scope: str = "all"):
-    """The QDQ ModelProto of an fp32 one: equalized, bias-corrected, quantized in ``scope``."""
-    nodes = backbone_nodes(proto) if scope == "backbone" else None
+def quantize_calibrated(proto, cal: Calibration, scope: str = "all",
+                        nodes: Optional[set] = None):
+    """The QDQ ModelProto of an fp32 one: equalized, bias-corrected, quantized in ``scope``
+    (or only in ``nodes``, names of ``proto``'s nodes, when given)."""
+    if nodes is None and scope == "backbone":
+        nodes = backbone_nodes(proto)
     model = apply_equalization(proto, cal.equalization)
     deltas = cal.bias_correction
     if nodes is not None:
@@ -246,6 +249,65 @@ def quantize_calibrated(proto, cal: Calibration, scope: str = "all"):
     model = apply_bias_corrections(model, deltas)
     return quantize(model, cal.ranges, nodes)
 
+
+
+# ------------------------------------------------------------------ per-layer sensitivity
+
+def quantization_units(proto) -> Dict[str, List[str]]:
+    """The layers int8 quantizes, each with what is quantized along with it.
+
+    A Conv (or MaxPool, Concat) whose only reader is a ReLU is one unit with it: ONNX
+    Runtime quantizes such a pair with the ReLU output's range, so a Conv quantized
+    without its ReLU would get the pre-ReLU range, which the whole-network file never uses.
+    """
+    _, consumers, _ = _graph_maps(proto.graph)
+    units = {}
+    for n in proto.graph.node:
+        if n.op_type in ("Conv", "MaxPool", "Concat"):
+            readers = consumers.get(n.output[0], [])
+            units[n.name] = [n.name] + [r.name for r in readers
+                                        if len(readers) == 1 and r.op_type == "Relu"]
+    return units
+
+
+def output_sqnr(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> List[float]:
+    """Signal to quantization noise (dB) of each output against its float reference."""
+    out = []
+    for r, o in zip(reference, outputs):
+        noise = float(np.sum((np.asarray(o, np.float64) - r) ** 2))
+        signal = float(np.sum(np.asarray(r, np.float64) ** 2))
+        out.append(float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise))
+    return out
+
+
+def combined_sqnr(values: Sequence[float]) -> float:
+    """The SQNR (dB) that independent noise sources of these SQNRs give together."""
+    total = sum(10 ** (-v / 10) for v in values if np.isfinite(v))
+    return float("inf") if total == 0 else float(-10 * np.log10(total))
+
+
+def run_outputs(proto, batches) -> List[np.ndarray]:
+    """The graph outputs over ``batches``, concatenated (unoptimized ONNX Runtime session)."""
+    session, inp = _run_with_outputs(proto, [])
+    runs = [session.run(None, {inp: b}) for b in batches]
+    return [np.concatenate([r[k] for r in runs]) for k in range(len(runs[0]))]
+
+
+def layer_sensitivity(proto, cal: Calibration, batches,
+                      progress: bool = False) -> Dict[str, List[float]]:
+    """Per unit of ``quantization_units``: the SQNR (dB) of each graph output over ``batches``
+    with only that unit in int8 and everything else float (equalized, bias-corrected as
+    the whole-network file is). One quantization and one run of ``batches`` per unit."""
+    from tqdm import tqdm
+    reference = run_outputs(proto, batches)
+    out = {}
+    units = quantization_units(proto)
+    with _quiet_root_logger():
+        for name, nodes in tqdm(units.items(), desc="layer sensitivity", unit="layer",
+                                disable=not progress):
+            q = quantize_calibrated(proto, cal, nodes=set(nodes))
+            out[name] = output_sqnr(reference, run_outputs(q, batches))
+    return out
 
 def _copy(proto):
     import onnx
