@@ -250,7 +250,6 @@ def quantize_calibrated(proto, cal: Calibration, scope: str = "all",
     return quantize(model, cal.ranges, nodes)
 
 
-
 # ------------------------------------------------------------------ per-layer sensitivity
 
 def quantization_units(proto) -> Dict[str, List[str]]:
@@ -308,6 +307,7 @@ def layer_sensitivity(proto, cal: Calibration, batches,
             q = quantize_calibrated(proto, cal, nodes=set(nodes))
             out[name] = output_sqnr(reference, run_outputs(q, batches))
     return out
+
 
 def _copy(proto):
     import onnx
