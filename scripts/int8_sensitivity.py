@@ -47,7 +47,7 @@ def main():
     import onnx
 
     from bpnet.export import int8 as q8
-    from bpnet.model.meta import ONNX_META_KEY
+    from bpnet.model.meta import ONNX_META_KEY, parse_meta
     from bpnet.infer.preprocess import Normalization
     from bpnet.tasks.export import export
     logging.disable(logging.WARNING)
@@ -58,10 +58,10 @@ def main():
         src = Path(args.model) if args.model else be.make_model("imported", d)
         export(src, d / "fp32.onnx")
         proto = q8.merge_sibling_convs(onnx.load(str(d / "fp32.onnx")))
-        meta = json.loads({p.key: p.value for p in proto.metadata_props}[ONNX_META_KEY])
-        norm = Normalization(tuple(meta["normalization"]["image_scale"]),
-                             tuple(meta["normalization"]["image_offset"]))
-        channels = int(proto.graph.input[0].type.tensor_type.shape.dim[3].dim_value or 3)
+        parsed = parse_meta(json.loads({p.key: p.value for p in proto.metadata_props}
+                                       [ONNX_META_KEY]), str(src))
+        norm = Normalization(*parsed.normalization) if parsed.normalization else Normalization()
+        channels = parsed.input_channels
         files = q8.list_cal_images(args.cal_image_dir)
         cal_files = q8.sample_images(files, args.batches)
         probe_files = [p for p in files if p not in set(cal_files)][:args.pictures]

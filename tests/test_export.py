@@ -404,7 +404,6 @@ def test_equalization_and_bias_correction_bring_int8_closer_to_fp32(exported):
                 "DequantizeLinear", n.name
 
 
-
 def test_layer_sensitivity_measures_each_units_share_of_the_noise(exported):
     """scripts/int8_sensitivity.py's measure on a real picture: a unit for every layer (a
     convolution with the ReLU quantized with it), each unit alone in int8 disturbs the
@@ -433,6 +432,7 @@ def test_layer_sensitivity_measures_each_units_share_of_the_noise(exported):
         assert abs(q8.combined_sqnr(per_unit) - every[k]) < 6.0, (k, every[k])
     assert q8.output_sqnr(ref, ref) == [float("inf")] * 2
     assert abs(q8.combined_sqnr([10.0, 10.0]) - 10 * np.log10(5)) < 1e-9
+
 
 def test_int8_scope_backbone_refuses_a_one_stage_network(tmp_path):
     from bpnet.model.build import build_model
