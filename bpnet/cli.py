@@ -313,6 +313,10 @@ def import_model_cmd(source, input_path, output_path, key, pose_config, results_
 @click.option("--int8_scope", type=click.Choice(["all", "backbone"]), default="all",
               show_default=True, help="INT8: quantize everything, or only the backbone (the "
               "stages stay float; for networks whose stages lose accuracy). bpnet extension.")
+@click.option("--int8_weight_bits", type=click.Choice(["8", "7"]), default="8",
+              show_default=True, help="INT8: weights rounded to 8 bits, or to 7 for x86 CPUs "
+              "without VNNI (AVX2, older AVX-512), whose int8 kernels saturate with 8-bit "
+              "weights. bpnet extension.")
 @click.option("--batches", type=int, default=10, show_default=True,
               help="INT8: calibration batches.")
 @click.option("--batch_size", type=int, default=1, show_default=True,
@@ -348,7 +352,8 @@ def import_model_cmd(source, input_path, output_path, key, pose_config, results_
 @click.option("-v", "--verbose", is_flag=True, help="TAO's option: same as -ll DEBUG.")
 @common_options(default_results="results/export")
 def export_cmd(model_path, key, output_file, experiment_spec, data_type, cal_image_dir,
-               cal_data_file, cal_cache_file, cal_method, int8_scope, batches, batch_size,
+               cal_data_file, cal_cache_file, cal_method, int8_scope, int8_weight_bits, batches,
+               batch_size,
                max_batch_size,
                opt_batch_size, static_batch_size, max_workspace_size, engine_file, input_dims,
                sdk_compatible_model, upsample_ratio, data_format, backend, force_ptq,
@@ -366,7 +371,8 @@ def export_cmd(model_path, key, output_file, experiment_spec, data_type, cal_ima
         return export(model_path, output_file, key=key, experiment_spec=experiment_spec,
                       data_type=data_type, cal_image_dir=cal_image_dir,
                       cal_data_file=cal_data_file, cal_cache_file=cal_cache_file,
-                      cal_method=cal_method, int8_scope=int8_scope, batches=batches,
+                      cal_method=cal_method, int8_scope=int8_scope,
+                      int8_weight_bits=int(int8_weight_bits), batches=batches,
                       batch_size=batch_size,
                       max_batch_size=max_batch_size, opt_batch_size=opt_batch_size,
                       static_batch_size=static_batch_size,

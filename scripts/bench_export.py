@@ -10,7 +10,9 @@ mobilenet_thin network (speed and AP). Runtimes: Keras (TensorFlow), ONNX Runtim
 OpenVINO when the `openvino` package is installed (float32 and bfloat16 compute, one stream
 and two: ``network_ms_per_frame_2_streams``). INT8 is calibrated on 10 coco_tiny
 train2017 pictures (the export's default method unless --cal_method); int8-backbone is
-`--int8_scope backbone` (the stages stay float). AP rows: val2017 (4 pictures), train2017
+`--int8_scope backbone` (the stages stay float); a `-w7` suffix (int8-w7, int8-backbone-w7)
+exports with `--int8_weight_bits 7`, for CPUs without VNNI (the bench prints whether this CPU
+is one: `cpu_int8_saturates`). AP rows: val2017 (4 pictures), train2017
 without the 10 calibration pictures (70, new to every file: the fair INT8 figure), and all
 of train2017 (80).
 """
@@ -140,8 +142,10 @@ def main():
         openvino = None
     x = np.random.default_rng(0).uniform(-0.5, 0.5, (1, args.height, args.width, 3)).astype(
         np.float32)
+    from bpnet.infer.runners import cpu_int8_saturates
     base = {"height": args.height, "width": args.width, "batch": 1,
-            "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2)}
+            "cpu_count": os.cpu_count(), "cpu_int8_saturates": cpu_int8_saturates(),
+            "load_avg_1min": round(os.getloadavg()[0], 2)}
     with tempfile.TemporaryDirectory(prefix="bench_export_") as tmp:
         d = Path(tmp)
         for name in args.models.split(","):
@@ -160,7 +164,8 @@ def main():
                 if prec.startswith("int8"):
                     kw = dict(cal_image_dir=str(COCO_TINY / "train2017"), batches=CAL_PICTURES,
                               batch_size=1, cal_method=args.cal_method,
-                              int8_scope="backbone" if prec == "int8-backbone" else "all")
+                              int8_scope="backbone" if "backbone" in prec else "all",
+                              int8_weight_bits=7 if prec.endswith("-w7") else 8)
                 t = time.perf_counter()
                 export(src, out, data_type=prec[:4], **kw)
                 export_s = time.perf_counter() - t

@@ -86,8 +86,13 @@ def _inputs(meta, hw, n):
     return np.stack([preprocess(img, hw, "pad_image_input", norm)[0] for img in _pictures()[:n]])
 
 
-def _ort(path):
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def _ort(path, exact: bool = False):
+    """An ONNX Runtime CPU session; ``exact``: without graph optimizations, so a QDQ file's
+    Q/DQ nodes run as written (in float) instead of as this CPU's int8 kernels."""
+    opts = ort.SessionOptions()
+    if exact:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 # ------------------------------------------------------------------ fp32 equality, names, meta
@@ -266,17 +271,97 @@ def test_int8_qdq_file_runs_and_writes_its_cache(int8_run, exported):
            if i.name.endswith("_zero_point")]
     assert zps and all(np.all(z == 0) for z in zps)
     x = _inputs({"normalization": NORM}, (64, 96), 1)
-    q = _ort(d / "q.onnx").run(None, {"input_1:0": x})
     f = _ort(exported["lite"]).run(None, {"input_1:0": x})
-    for a, b in zip(q, f):
-        assert a.shape == b.shape and np.isfinite(a).all()
-        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
+    # The file's own arithmetic (what TensorRT and VNNI CPUs compute) follows the float maps;
+    # ONNX Runtime's int8 kernels do too, except on a CPU whose kernels saturate with 8-bit
+    # weights (x86 without VNNI; --int8_weight_bits 7 is for those, tested below).
+    from bpnet.infer.runners import cpu_int8_saturates
+    runs = [_ort(d / "q.onnx", exact=True)] + ([] if cpu_int8_saturates() else [_ort(d / "q.onnx")])
+    for session in runs:
+        for a, b in zip(session.run(None, {"input_1:0": x}), f):
+            assert a.shape == b.shape and np.isfinite(a).all()
+            assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
     status = json.loads((d / "r" / "status.json").read_text())
     assert status["cal_images"] == 4 and status["cal_cache"] == "written"
     cache = json.loads((d / "cal.json").read_text())
     assert cache["source_model_sha256"] == status["source_model_sha256"]
     assert cache["cal_method"] == "minmax" and len(cache["ranges"]) > 10
     assert np.load(d / "cal.npy").shape == (4, 64, 96, 3)
+
+
+def _weight_codes(path) -> list:
+    """The int8 codes of every Conv weight of a QDQ file (what its DequantizeLinear reads)."""
+    proto = onnx.load(str(path))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    made_by = {o: n for n in proto.graph.node for o in n.output}
+    codes = []
+    for n in proto.graph.node:
+        dq = made_by.get(n.input[1]) if n.op_type == "Conv" else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+            codes.append(inits[dq.input[0]])
+    return codes
+
+
+def test_int8_weight_bits_7_keeps_weights_in_seven_bits(int8_run, models, exported, tmp_path,
+                                                       monkeypatch):
+    """--int8_weight_bits 7 (for x86 CPUs without VNNI): every weight code in [-64, 64], the
+    maps still the float model's, the choice in the meta and status.json; on a CPU whose int8
+    kernels saturate, the 8-bit file's runner warns and the 7-bit one's does not."""
+    import logging
+
+    from bpnet.infer import runners
+    d, first = int8_run
+    assert first.exit_code == 0, first.output
+    out = tmp_path / "q7.onnx"
+    r = invoke("export", "-m", models["lite"], "-o", out, "--data_type", "int8",
+               "--int8_weight_bits", "7", "--cal_data_file", d / "cal.npy", "--batches", 2,
+               "--batch_size", 2, "--cal_method", "minmax", "-d", "64,96,3", "-r", tmp_path / "r")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "r" / "status.json").read_text())["int8_weight_bits"] == 7
+    seven, eight = _weight_codes(out), _weight_codes(d / "q.onnx")
+    assert len(seven) == len(eight) > 5
+    assert all(c.dtype == np.int8 and np.abs(c.astype(int)).max() <= 64 for c in seven)
+    assert max(np.abs(c.astype(int)).max() for c in eight) == 127
+    for path, bits in ((out, 7), (d / "q.onnx", 8)):
+        meta = json.loads(onnx.load(str(path)).metadata_props[0].value)
+        assert meta["int8_weight_bits"] == bits
+    x = _inputs({"normalization": NORM}, (64, 96), 1)
+    f = _ort(exported["lite"]).run(None, {"input_1:0": x})
+    q = _ort(out).run(None, {"input_1:0": x})
+    for a, b in zip(q, f):
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
+
+    # The CLI runs above replaced the root logger's handlers (caplog's too): listen directly.
+    warned = []
+    listener = logging.Handler(logging.WARNING)
+    listener.emit = lambda record: warned.append(record.getMessage())
+    logger = logging.getLogger(runners.__name__)
+    monkeypatch.setattr(logger, "level", logging.WARNING)
+    logger.addHandler(listener)
+    try:
+        for saturates in (True, False):
+            monkeypatch.setattr(runners, "cpu_int8_saturates", lambda: saturates)
+            for path, bits in ((d / "q.onnx", 8), (out, 7), (exported["lite"], None)):
+                warned.clear()
+                runners.load_runner(path, runtime="onnxruntime")
+                assert any("no VNNI" in w for w in warned) == (saturates and bits == 8), \
+                    (path, warned)
+    finally:
+        logger.removeHandler(listener)
+
+
+def test_cpu_int8_saturation_is_read_from_the_cpu_flags(tmp_path):
+    from bpnet.infer.runners import cpu_flags, cpu_int8_saturates
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse4_1 avx2 fma\n"
+                    "\nprocessor\t: 1\nflags\t\t: fpu sse4_1 avx2 fma\n")
+    flags = cpu_flags(str(info))
+    assert flags == frozenset({"fpu", "sse4_1", "avx2", "fma"})
+    assert cpu_int8_saturates(flags)  # AVX2 without VNNI
+    for vnni in ("avx512_vnni", "avx_vnni", "amx_int8"):
+        assert not cpu_int8_saturates(flags | {vnni})
+    assert not cpu_int8_saturates(frozenset({"fp", "asimd", "asimddp"}))  # an ARM CPU
+    assert cpu_flags(str(tmp_path / "missing")) is None
 
 
 def test_int8_cache_is_reused_and_cal_data_file_read(int8_run, models, tmp_path):
@@ -555,7 +640,7 @@ def _leftovers(folder: Path):
 @pytest.mark.parametrize("case", [
     "no_key", "wrong_key", "empty_cal_dir", "imageless_cal_dir", "foreign_cache",
     "dims_not_stride", "dims_channels", "dims_format", "output_is_folder", "output_is_model",
-    "missing_model", "int8_without_pictures"])
+    "missing_model", "int8_without_pictures", "cache_other_weight_bits"])
 def test_bad_input_is_one_clear_error_and_leaves_nothing(models, int8_run, tmp_path, case):
     work = tmp_path / "w"
     work.mkdir()
@@ -593,6 +678,10 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing(models, int8_run, tmp_p
     elif case == "missing_model":
         args = ["export", "-m", tmp_path / "nope.keras", "-o", out, "-r", tmp_path / "r"]
         msg = "model file not found"
+    elif case == "cache_other_weight_bits":  # the bias corrections were made for 8-bit weights
+        args = base + int8 + ["--cal_cache_file", int8_run[0] / "cal.json", "-d", "64,96,3",
+                              "--int8_weight_bits", "7"]
+        msg = "made with --int8_weight_bits 8"
     else:
         args, msg = base + ["--data_type", "int8"], "needs calibration pictures"
     before = sorted(p.name for p in models["lite"].parent.iterdir())

@@ -36,6 +36,11 @@ activation ranges, without changing what it computes:
   channel over the calibration pictures), so that rounding does not add up
   to an offset over many layers.
 
+``--int8_weight_bits 7`` rounds the weights to 7 bits ([-64, 64]) instead of 8, for x86 CPUs
+without VNNI: their int8 kernels (AVX2/AVX-512 ``vpmaddubsw``) add pairs of uint8 x int8
+products in 16 bits, which 8-bit weights can overflow; with 7-bit weights they cannot
+(docs/export.md#int8-on-cpus-without-vnni).
+
 ``--int8_scope backbone`` quantizes only the backbone (everything up to the
 features every stage reads) and leaves the stages in float: for networks
 whose stages do not survive int8 (measured: docs/export.md#int8).
@@ -73,6 +78,9 @@ CACHE_FORMAT = "bpnet-int8-calibration"
 CACHE_VERSION = 3
 #: --int8_scope: what is quantized.
 SCOPES = ("all", "backbone")
+#: --int8_weight_bits: 8 (the full int8 range, what TensorRT and VNNI CPUs want) or 7 (for
+#: x86 CPUs without VNNI, whose int8 kernels saturate with 8-bit weights; see cpu_int8_saturates).
+WEIGHT_BITS = (8, 7)
 SEED = 0
 
 
@@ -166,7 +174,8 @@ def batches_of(data: np.ndarray, batch: int, fixed_batch: Optional[int]):
 
 # ------------------------------------------------------------------ the cache
 
-def read_cache(path, model_sha256: str, method: str, graph_sha256: str) -> dict:
+def read_cache(path, model_sha256: str, method: str, graph_sha256: str,
+               weight_bits: int = 8) -> dict:
     """The ranges of a cache file made for this model (by sha256), or a BpnetError."""
     p = Path(path)
     try:
@@ -188,6 +197,10 @@ def read_cache(path, model_sha256: str, method: str, graph_sha256: str) -> dict:
     if doc.get("cal_method") != method:
         raise BpnetError(f"--cal_cache_file {p}: made with --cal_method {doc.get('cal_method')}, "
                          f"not {method}; pass --cal_method {doc.get('cal_method')} or name a new file")
+    if doc.get("weight_bits", 8) != weight_bits:
+        raise BpnetError(f"--cal_cache_file {p}: made with --int8_weight_bits "
+                         f"{doc.get('weight_bits', 8)}, not {weight_bits} (the bias corrections "
+                         "differ); name a new file to calibrate")
     if doc.get("graph_sha256") != graph_sha256:
         raise BpnetError(f"--cal_cache_file {p}: made for this model exported differently (other "
                          "--sdk_compatible_model or bpnet version); name a new file to calibrate")
@@ -205,7 +218,7 @@ def write_cache(path, model_sha256: str, method: str, cal: "Calibration", images
     from ..io import write_json_atomic
     write_json_atomic(path, {"format": CACHE_FORMAT, "version": CACHE_VERSION,
                              "source_model_sha256": model_sha256, "graph_sha256": graph_sha256,
-                             "cal_method": method,
+                             "cal_method": method, "weight_bits": cal.weight_bits,
                              "images": int(images), "input_hw": list(hw), "ranges": cal.ranges,
                              "equalization": cal.equalization,
                              "bias_correction": cal.bias_correction}, indent=None)
@@ -220,20 +233,23 @@ class Calibration:
     ranges: Dict[str, List[float]]  # tensor -> [lowest, highest] (of the equalized graph)
     equalization: Dict[str, List[float]]  # tensor -> per-channel scale
     bias_correction: Dict[str, List[float]]  # Conv node -> per-channel bias change
+    weight_bits: int = 8  # the weights' rounding the bias corrections were made for
 
     @classmethod
     def from_cache(cls, doc: dict) -> "Calibration":
-        return cls(doc["ranges"], doc["equalization"], doc["bias_correction"])
+        return cls(doc["ranges"], doc["equalization"], doc["bias_correction"],
+                   int(doc.get("weight_bits", 8)))
 
 
-def calibrate(proto, batches, method: str, progress: bool = False) -> Calibration:
+def calibrate(proto, batches, method: str, progress: bool = False,
+              weight_bits: int = 8) -> Calibration:
     """Equalize, measure the ranges, then the bias corrections, over ``batches``."""
     scales = equalization_scales(proto, batches)
     eq = apply_equalization(proto, scales)
     ranges = compute_ranges(eq, batches, method, progress)
-    deltas = bias_corrections(eq, ranges, batches)
+    deltas = bias_corrections(eq, ranges, batches, weight_bits)
     return Calibration(ranges, {k: v.tolist() for k, v in scales.items()},
-                       {k: v.tolist() for k, v in deltas.items()})
+                       {k: v.tolist() for k, v in deltas.items()}, weight_bits)
 
 
 def quantize_calibrated(proto, cal: Calibration, scope: str = "all",
@@ -247,7 +263,7 @@ def quantize_calibrated(proto, cal: Calibration, scope: str = "all",
     if nodes is not None:
         deltas = {k: v for k, v in deltas.items() if k in nodes}
     model = apply_bias_corrections(model, deltas)
-    return quantize(model, cal.ranges, nodes)
+    return quantize(model, cal.ranges, nodes, cal.weight_bits)
 
 
 # ------------------------------------------------------------------ per-layer sensitivity
@@ -538,10 +554,10 @@ def _dequantized_weights(qproto) -> Dict[str, np.ndarray]:
     return out
 
 
-def bias_corrections(proto, ranges: dict, batches) -> Dict[str, np.ndarray]:
+def bias_corrections(proto, ranges: dict, batches, weight_bits: int = 8) -> Dict[str, np.ndarray]:
     """Conv node -> the bias change that cancels its rounded weights' mean shift."""
     from onnx import numpy_helper as nh
-    rounded = _dequantized_weights(quantize(proto, ranges))
+    rounded = _dequantized_weights(quantize(proto, ranges, weight_bits=weight_bits))
     convs = [n for n in proto.graph.node if n.name in rounded]
     means = _channel_stats(proto, [n.input[0] for n in convs], batches, "mean")
     inits = {i.name: i for i in proto.graph.initializer}
@@ -715,8 +731,13 @@ class _OneBatch:
         return len(self._items)
 
 
-def quantize(proto, ranges: dict, nodes: Optional[set] = None):
-    """The QDQ ModelProto of an fp32 ModelProto, from computed ranges (only ``nodes``: those)."""
+def quantize(proto, ranges: dict, nodes: Optional[set] = None, weight_bits: int = 8):
+    """The QDQ ModelProto of an fp32 ModelProto, from computed ranges (only ``nodes``: those).
+
+    ``weight_bits`` 7: the weights use [-64, 64] of int8 (ONNX Runtime's reduce_range), the
+    activations keep the full range."""
+    if weight_bits not in WEIGHT_BITS:
+        raise BpnetError(f"--int8_weight_bits {weight_bits}: choose 8 or 7")
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
@@ -733,7 +754,7 @@ def quantize(proto, ranges: dict, nodes: Optional[set] = None):
         raise BpnetError(f"the calibration ranges do not cover this network ({len(missing)} "
                          f"tensors missing, e.g. {missing[0]!r}); calibrate again")
     ops = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
-    q = QDQQuantizer(model, True, False, QuantType.QInt8, QuantType.QInt8,
+    q = QDQQuantizer(model, True, weight_bits == 7, QuantType.QInt8, QuantType.QInt8,
                      TensorsData(CalibrationMethod.MinMax, tensors), sorted(nodes or []), [], ops,
                      {"ActivationSymmetric": True, "WeightSymmetric": True})
     with _quiet_root_logger():  # ORT logs every bias-scale adjustment on the root logger

@@ -76,6 +76,57 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: x86 CPU flags (Linux /proc/cpuinfo names) of the int8 dot products that add uint8 x int8
+#: products straight into 32 bits (AVX512-VNNI, AVX-VNNI, AMX).
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> Optional[frozenset]:
+    """The first CPU's flags from ``cpuinfo`` (None where it cannot be read: not Linux)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def cpu_int8_saturates(flags: Optional[frozenset] = None) -> bool:
+    """Whether this CPU's int8 convolution kernels can saturate with 8-bit weights.
+
+    x86 CPUs without VNNI (AVX2, AVX-512 before VNNI) multiply uint8 activations by int8
+    weights with ``vpmaddubsw``, which adds each pair of products in 16 bits and clamps:
+    2 x 255 x 127 does not fit. ONNX Runtime and OpenVINO both use it there; weights of 7
+    bits (``bpnet export --int8_weight_bits 7``) cannot overflow it. False where unknown
+    (not x86, or no /proc/cpuinfo).
+    """
+    import platform
+    if flags is None:
+        if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+            return False
+        flags = cpu_flags()
+    if not flags or "avx2" not in flags and "sse4_1" not in flags:
+        return False
+    return not (flags & VNNI_FLAGS)
+
+
+def warn_if_int8_saturates(runner) -> None:
+    """One warning when ``runner`` runs an INT8 file with 8-bit weights on such a CPU."""
+    meta = getattr(runner, "meta", None) or {}
+    if meta.get("precision") != "int8" or int(meta.get("int8_weight_bits", 8)) != 8:
+        return
+    session = getattr(runner, "session", None)
+    if session is not None and session.get_providers()[0] != "CPUExecutionProvider":
+        return  # ONNX Runtime on a GPU
+    if cpu_int8_saturates():
+        log.warning("%s: this CPU has no VNNI instructions, so %s's int8 kernels can saturate "
+                    "with this file's 8-bit weights and lose accuracy (the imported network "
+                    "lost 5.8 AP points that way); for this CPU export with "
+                    "--int8_weight_bits 7, or use the fp32 file", runner.path, runner.runtime)
+
+
 def runtime_installed(runtime: str) -> bool:
     """Whether ``runtime``'s Python package imports."""
     try:
@@ -625,10 +676,11 @@ def load_runner(path, key: Optional[str] = None, stage: Optional[int] = None,
                     "one at a time", streams, rt)
     if rt == "tensorrt":
         return TensorRTRunner(p, stage=stage)
-    if rt == "onnxruntime":
-        return OnnxRunner(p, stage=stage)
-    if rt == "openvino":
-        return OpenVinoRunner(p, stage=stage, inference_precision=precision, streams=streams)
+    if rt in ("onnxruntime", "openvino"):
+        runner = (OnnxRunner(p, stage=stage) if rt == "onnxruntime" else
+                  OpenVinoRunner(p, stage=stage, inference_precision=precision, streams=streams))
+        warn_if_int8_saturates(runner)
+        return runner
     try:
         return KerasRunner(p, key=key, stage=stage)
     except BpnetError:

@@ -59,7 +59,7 @@ def _check_outputs_against_inputs(model_path, out, engine_file, experiment_spec,
 def export(model_path, output_path=None, *, key: Optional[str] = None,
            experiment_spec=None, data_type: str = "fp32", cal_image_dir=None,
            cal_data_file=None, cal_cache_file=None, cal_method: Optional[str] = None,
-           int8_scope: str = "all",
+           int8_scope: str = "all", int8_weight_bits: int = 8,
            batches: int = 10, batch_size: int = 1, max_batch_size: int = 1,
            opt_batch_size: int = 1, static_batch_size: int = -1,
            max_workspace_size: Optional[int] = None, engine_file=None,
@@ -104,6 +104,8 @@ def export(model_path, output_path=None, *, key: Optional[str] = None,
         raise BpnetError(f"--cal_method {method!r}: choose one of {', '.join(q8.CAL_METHODS)}")
     if int8_scope not in q8.SCOPES:
         raise BpnetError(f"--int8_scope {int8_scope!r}: choose one of {', '.join(q8.SCOPES)}")
+    if int8_weight_bits not in q8.WEIGHT_BITS:
+        raise BpnetError(f"--int8_weight_bits {int8_weight_bits}: choose 8 or 7")
     if data_type == "int8":
         cache_ok = cal_cache_file and Path(cal_cache_file).is_file()
         if not (cal_image_dir or cal_data_file or cache_ok):
@@ -144,6 +146,8 @@ def export(model_path, output_path=None, *, key: Optional[str] = None,
                 output_names=[SDK_PAF_NAME if upsample else PAF_NAME, HEATMAP_NAME])
     if upsample:
         meta["paf_upsample"] = int(upsample)
+    if data_type == "int8":
+        meta["int8_weight_bits"] = int(int8_weight_bits)  # runners warn where 8 saturates
     set_meta(proto, meta)
     summary = {"output": str(out), "precision": data_type, "input_dims": meta["input_dims"],
                "batch": batch if batch else "dynamic", "opset": OPSET,
@@ -153,8 +157,9 @@ def export(model_path, output_path=None, *, key: Optional[str] = None,
         from ..export.fp16 import to_fp16
         proto = to_fp16(proto)
     elif data_type == "int8":
-        proto, cal = _int8(proto, parsed, sha, method, int8_scope, dims, batch, cal_image_dir,
-                           cal_data_file, cal_cache_file, batches, batch_size, status, progress)
+        proto, cal = _int8(proto, parsed, sha, method, int8_scope, int8_weight_bits, dims,
+                           batch, cal_image_dir, cal_data_file, cal_cache_file, batches,
+                           batch_size, status, progress)
         summary.update(cal)
     save_onnx(proto, out)
     log.info("wrote %s (%s, %.1f MB)", out, data_type, out.stat().st_size / 1e6)
@@ -188,8 +193,8 @@ def _apply_experiment_spec(meta: dict, spec_path, model_path) -> dict:
     return meta
 
 
-def _int8(proto, parsed, sha, method, scope, dims, batch, cal_image_dir, cal_data_file,
-          cal_cache_file, batches, batch_size, status, progress):
+def _int8(proto, parsed, sha, method, scope, weight_bits, dims, batch, cal_image_dir,
+          cal_data_file, cal_cache_file, batches, batch_size, status, progress):
     from ..export import int8 as q8
     from ..export.onnx import graph_fingerprint
     from ..infer.preprocess import Normalization
@@ -197,7 +202,7 @@ def _int8(proto, parsed, sha, method, scope, dims, batch, cal_image_dir, cal_dat
     proto = q8.merge_sibling_convs(proto)
     graph_sha = graph_fingerprint(proto)
     if cal_cache_file and Path(cal_cache_file).is_file():
-        doc = q8.read_cache(cal_cache_file, sha, method, graph_sha)
+        doc = q8.read_cache(cal_cache_file, sha, method, graph_sha, weight_bits)
         cal = q8.Calibration.from_cache(doc)
         info.update(cal_cache="reused", cal_images=doc.get("images"))
         log.info("INT8: ranges from %s (%s images, %s)", cal_cache_file, doc.get("images"), method)
@@ -223,12 +228,13 @@ def _int8(proto, parsed, sha, method, scope, dims, batch, cal_image_dir, cal_dat
             data = data[:want]
         if status is not None:
             status.progress(0, message=f"calibrating on {len(data)} pictures ({method})")
-        cal = q8.calibrate(proto, q8.batches_of(data, batch_size, batch), method, progress)
+        cal = q8.calibrate(proto, q8.batches_of(data, batch_size, batch), method, progress,
+                           weight_bits)
         info.update(cal_images=int(len(data)), cal_input_hw=list(data.shape[1:3]))
         if cal_cache_file:
             q8.write_cache(cal_cache_file, sha, method, cal, len(data), data.shape[1:3],
                            graph_sha)
             info["cal_cache"] = "written"
     qproto = q8.quantize_calibrated(proto, cal, scope)
-    info.update(q8.count_qdq(qproto), int8_scope=scope)
+    info.update(q8.count_qdq(qproto), int8_scope=scope, int8_weight_bits=weight_bits)
     return qproto, info
