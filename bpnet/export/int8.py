@@ -735,9 +735,8 @@ def quantize(proto, ranges: dict, nodes: Optional[set] = None, weight_bits: int 
     """The QDQ ModelProto of an fp32 ModelProto, from computed ranges (only ``nodes``: those).
 
     ``weight_bits`` 7: the weights use [-64, 64] of int8 (ONNX Runtime's reduce_range), the
-    activations keep the full range."""
-    if weight_bits not in WEIGHT_BITS:
-        raise BpnetError(f"--int8_weight_bits {weight_bits}: choose 8 or 7")
+    activations keep the full range (export checks the value)."""
+    reduce_range = {8: False, 7: True}[weight_bits]
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
@@ -754,7 +753,7 @@ def quantize(proto, ranges: dict, nodes: Optional[set] = None, weight_bits: int 
         raise BpnetError(f"the calibration ranges do not cover this network ({len(missing)} "
                          f"tensors missing, e.g. {missing[0]!r}); calibrate again")
     ops = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
-    q = QDQQuantizer(model, True, weight_bits == 7, QuantType.QInt8, QuantType.QInt8,
+    q = QDQQuantizer(model, True, reduce_range, QuantType.QInt8, QuantType.QInt8,
                      TensorsData(CalibrationMethod.MinMax, tensors), sorted(nodes or []), [], ops,
                      {"ActivationSymmetric": True, "WeightSymmetric": True})
     with _quiet_root_logger():  # ORT logs every bias-scale adjustment on the root logger
