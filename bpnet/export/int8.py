@@ -197,10 +197,11 @@ def read_cache(path, model_sha256: str, method: str, graph_sha256: str,
     if doc.get("cal_method") != method:
         raise BpnetError(f"--cal_cache_file {p}: made with --cal_method {doc.get('cal_method')}, "
                          f"not {method}; pass --cal_method {doc.get('cal_method')} or name a new file")
-    if doc.get("weight_bits", 8) != weight_bits:
-        raise BpnetError(f"--cal_cache_file {p}: made with --int8_weight_bits "
-                         f"{doc.get('weight_bits', 8)}, not {weight_bits} (the bias corrections "
-                         "differ); name a new file to calibrate")
+    made_bits = doc.get("weight_bits", 8)  # caches from before the option: 8-bit weights
+    if made_bits != weight_bits:
+        raise BpnetError(f"--cal_cache_file {p}: made with --int8_weight_bits {made_bits}, not "
+                         f"{weight_bits} (the bias corrections differ); name a new file to "
+                         "calibrate")
     if doc.get("graph_sha256") != graph_sha256:
         raise BpnetError(f"--cal_cache_file {p}: made for this model exported differently (other "
                          "--sdk_compatible_model or bpnet version); name a new file to calibrate")
