@@ -1,6 +1,7 @@
 """The docs tell the truth about the tree: the architecture page lists every module (and
-only modules that exist), every relative link resolves, and no two modules import each
-other (the dependency rule of docs/architecture.md)."""
+only modules that exist), every relative link resolves, no two modules import each
+other (the dependency rule of docs/architecture.md), and every documented `bpnet` or
+`python scripts/...` command names a subcommand and options that exist."""
 
 import ast
 import itertools
@@ -101,3 +102,77 @@ def test_no_two_modules_import_each_other():
     mutual = [(a, b) for a, b in itertools.combinations(sorted(files), 2)
               if b in deps[a] and a in deps[b]]
     assert not mutual, f"modules that import each other: {mutual}"
+
+
+# ------------------------------------------------------------------ documented commands
+
+def _command_lines(text):
+    """Shell lines of the code blocks (continuations joined) and inline code spans."""
+    lines = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        lines += block.replace("\\\n", " ").splitlines()
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    return lines + re.findall(r"`([^`\n]+)`", prose)
+
+
+def _invocations(line, program):
+    """(name, arguments) of each ``program NAME ...`` command of a shell line: ``bpnet``
+    subcommands, or ``python scripts/NAME.py`` scripts."""
+    for seg in re.split(r"&&|\|\||[|;]", line):
+        seg = seg.strip().removeprefix("$ ")
+        m = re.match(r"(?:timeout \d+ )?" + program + r"\s+(\S+)(.*)", seg)
+        if m:
+            yield m.group(1), m.group(2)
+
+
+def _options_used(args):
+    import shlex
+    try:
+        tokens = shlex.split(args, comments=True)
+    except ValueError:  # an unbalanced quote in prose
+        tokens = args.split()
+    return {t.split("=", 1)[0] for t in tokens if re.match(r"--?[A-Za-z]", t)}
+
+
+def _doc_uses(program):
+    for page in DOCS:
+        for line in _command_lines(page.read_text()):
+            for name, args in _invocations(line, program):
+                yield page.name, name, _options_used(args), line.strip()
+
+
+def test_documented_bpnet_commands_use_real_subcommands_and_options():
+    from bpnet.cli import main
+    bad, checked = [], 0
+    for page, sub, used, line in _doc_uses("bpnet"):
+        if not re.fullmatch(r"[a-z_]+", sub):
+            continue  # bpnet --version, placeholders (TASK, <task>), quoted errors (export:)
+        checked += 1
+        cmd = main.commands.get(sub)
+        if cmd is None:
+            bad.append(f"{page}: no subcommand {sub!r}: {line}")
+            continue
+        known = {o for p in cmd.params for o in p.opts + p.secondary_opts} | {"--help"}
+        bad += [f"{page}: bpnet {sub} has no {o}: {line}" for o in sorted(used - known)]
+    assert checked > 50, f"only {checked} documented bpnet commands found: is the parsing broken?"
+    assert not bad, "\n".join(bad)
+
+
+def test_documented_script_commands_use_real_options():
+    import subprocess
+    import sys
+    helps, bad, checked = {}, [], 0
+    for page, script, used, line in _doc_uses(r"python3?"):
+        if not script.startswith("scripts/") or not script.endswith(".py"):
+            continue
+        checked += 1
+        if not (REPO / script).exists():
+            bad.append(f"{page}: no script {script}: {line}")
+            continue
+        if script not in helps:
+            helps[script] = subprocess.run([sys.executable, script, "--help"], cwd=REPO,
+                                           capture_output=True, text=True, timeout=120).stdout
+        known = set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", helps[script]))
+        bad += [f"{page}: {script} has no {o}: {line}" for o in sorted(used - known)]
+    assert checked > 20, f"only {checked} documented script commands found: is the parsing broken?"
+    assert not bad, "\n".join(bad)
