@@ -617,6 +617,13 @@ def test_engine_file_without_tensorrt_writes_the_onnx_and_says_how(models, tmp_p
     assert "1x64x96x3" in lines[0]
     status = json.loads((tmp_path / "r" / "status.json").read_text())
     assert status["engine"]["built"] is False and status["engine"]["trtexec"].startswith("trtexec")
+    # The engine trtexec will write there finds its meta (<engine>.json), whatever the ONNX
+    # file's name: the same meta as the ONNX file's.
+    from bpnet.export.onnx import get_meta
+    from bpnet.infer.runners import _engine_meta
+    assert status["engine"]["meta"] == str(engine) + ".json"
+    import onnx
+    assert _engine_meta(engine) == get_meta(onnx.load(str(out)))
 
 
 def test_engine_given_to_inference_without_tensorrt_is_one_error(tmp_path):

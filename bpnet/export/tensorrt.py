@@ -8,10 +8,11 @@ INT8 calibrators). One optimization profile: batch min 1 / opt / max (or the
 static batch), and the input dims (fixed by ``--input_dims``, else a range
 around bpnet's default inference sizes). The bpnet meta rides beside the
 engine in ``<engine>.json``; the TensorRT runner reads that, or else the ONNX
-file of the same name beside the engine (as after building with trtexec).
+file of the same name beside the engine.
 
-TensorRT is imported lazily; without it ``build_or_explain`` writes nothing
-more and returns the ``trtexec`` command that builds the same engine.
+TensorRT is imported lazily; without it ``build_or_explain`` writes the
+``<engine>.json`` the engine will need and returns the ``trtexec`` command that builds the engine there, so that
+the engine trtexec writes is read by ``bpnet inference`` / ``evaluate`` as it is.
 """
 
 from __future__ import annotations
@@ -65,9 +66,13 @@ def build_or_explain(onnx_path, engine_path, meta: dict, dims, data_type: str,
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        log.warning("TensorRT is not installed here: wrote %s only; build the engine on the "
-                    "target GPU with: %s", onnx_path, cmd)
-        return {"built": False, "trtexec": cmd}
+        # The meta of the engine the command builds (an engine already at that path is
+        # about to be replaced by it; a stale meta would outlive the rebuild).
+        _write_meta(engine_path, meta)
+        log.warning("TensorRT is not installed here: wrote %s and the engine's meta %s (keep "
+                    "it beside the engine); build the engine on the target GPU with: %s",
+                    onnx_path, meta_path(engine_path), cmd)
+        return {"built": False, "trtexec": cmd, "meta": str(meta_path(engine_path))}
     build_engine(onnx_path, engine_path, shapes, ws_mb << 20)
     _write_meta(engine_path, meta)
     return {"built": True, "path": str(engine_path), "precision": data_type,
