@@ -420,6 +420,42 @@ def test_bad_input_is_one_clear_error_and_no_output(tmp_path, tiny, spec_file, c
     assert json.loads((out / "status.json").read_text())["status"] == "FAILURE"
 
 
+def test_a_rerun_replaces_the_outputs_and_a_failed_one_keeps_them(tmp_path, tiny, spec_file):
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for n in ("a.png", "b.png"):
+        cv2.imwrite(str(pics / n), np.full((40, 56, 3), 90, np.uint8))
+    out = tmp_path / "out"
+
+    def run(itype, inp):
+        return invoke("inference", "-i", str(spec_file), "-m", str(tiny), "--input_type", itype,
+                      "--input", str(inp), "-r", str(out), "--dump_visualizations")
+
+    assert run("dir", pics).exit_code == 0
+    first = {p.name: p.read_bytes() for p in [out / "detections.json",
+                                              *(out / "images_annotated").iterdir()]}
+    assert set(first) == {"detections.json", "a.png", "b.png"}
+    # Runs that fail before their first result leave the earlier run's outputs as they were.
+    bad_pic, bad_dir, bad_video = tmp_path / "bad.jpg", tmp_path / "bad", tmp_path / "v.mp4"
+    bad_pic.write_bytes(b"\xff\xd8\xff\xe0 broken")
+    bad_dir.mkdir()
+    (bad_dir / "c.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
+    bad_video.write_bytes(b"\x00\x01 not a video" * 100)
+    for itype, inp in (("image", bad_pic), ("dir", bad_dir), ("video", bad_video)):
+        r = run(itype, inp)
+        assert r.exit_code == 1 and "previous inference run" not in r.output, r.output
+        assert {p.name: p.read_bytes() for p in [out / "detections.json",
+                                                 *(out / "images_annotated").iterdir()]} == first
+        assert json.loads((out / "status.json").read_text())["status"] == "FAILURE"
+    # A run that writes replaces them all: no old drawing beside the new detections.
+    cv2.imwrite(str(tmp_path / "c.png"), np.full((40, 56, 3), 30, np.uint8))
+    r = run("image", tmp_path / "c.png")
+    assert r.exit_code == 0 and "previous inference run's outputs (4 files)" in r.output
+    assert sorted(p.name for p in (out / "images_annotated").iterdir()) == ["c.png"]
+    det = json.loads((out / "detections.json").read_text())
+    assert [Path(e["full_image_path"]).name for e in det["images"]] == ["c.png"]
+
+
 def test_video_file_writes_tracks_frames_and_annotated_video(tmp_path, tiny, spec_file):
     clip = tmp_path / "clip.avi"
     vw = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 10, (96, 64))

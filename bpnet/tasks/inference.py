@@ -143,7 +143,8 @@ def clear_previous_outputs(out: Path):
     """Remove what an earlier inference run left in ``out`` (only the files inference writes).
 
     The results dir is locked for this run (bpnet.cli.run_task), so nothing
-    of a concurrent run is touched.
+    of a concurrent run is touched. Called when this run is about to write its
+    first result, so that a run that fails before it leaves the earlier outputs.
     """
     old = [out / "detections.json", out / "detections_coco_format.json",
            *out.glob("*_frames.jsonl")]
@@ -180,13 +181,20 @@ class _Run:
         self.entries, self.coco = [], []
         self.n_people = 0
         self._last_checkpoint = time.monotonic()
-        clear_previous_outputs(out)
+        self._claimed = False
 
     # ------------------------------------------------------------ writing
+
+    def _claim_outputs(self):
+        """Before this run's first output file: the earlier run's outputs go."""
+        if not self._claimed:
+            self._claimed = True
+            clear_previous_outputs(self.out)
 
     def _write(self, skipped=None, complete=True, interrupted=False, total=None, lines=None,
                jsonl=None):
         from ..infer.outputs import write_detections
+        self._claim_outputs()
         extra = {"complete": complete, **self.runner_info}
         if interrupted:
             extra["interrupted"] = True
@@ -248,6 +256,7 @@ class _Run:
                             name = _annotated_name(d.item, used_names)
                             ok, buf = cv2.imencode(Path(name).suffix, vis)
                             if ok:
+                                self._claim_outputs()
                                 write_bytes_atomic(out / "images_annotated" / name,
                                                    buf.tobytes())
                         self.entries.append(image_entry(d.item.path, d.people,
@@ -325,6 +334,7 @@ class _Run:
                     line = _frame_line(k, fps, people, ids)
                     if self.dump:
                         if writer is None:
+                            self._claim_outputs()
                             writer = Mp4Writer(out / "images_annotated" / f"{stem}_annotated.mp4",
                                                fps, (frame.shape[1], frame.shape[0]))
                         writer.write(draw_people(frame, people.keypoints, pred.pose,
