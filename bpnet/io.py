@@ -261,3 +261,15 @@ class RunLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+def output_lock(path, task: str) -> RunLock:
+    """The lock of one output file, ``.<name>.bpnet.lock`` beside it (its folder is made):
+    two runs writing one file at once (with different results dirs) would both report
+    success while one's file is lost."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BpnetError(f"cannot write {path}: {e.strerror or e}") from None
+    return RunLock(path.parent / f".{path.name}.bpnet.lock", f"output {path}", task)

@@ -639,6 +639,41 @@ def test_engine_given_to_inference_without_tensorrt_is_one_error(tmp_path):
 
 # ------------------------------------------------------------------ bad input
 
+def test_an_output_another_live_run_is_writing_is_one_error_and_kept(models, tmp_path):
+    """export and prune lock their output files (.<name>.bpnet.lock): a second run writing the
+    same -o with another results dir fails with one line instead of both succeeding."""
+    import socket
+    import subprocess
+    import sys
+    from bpnet.io import output_lock
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        for task, out, extra in (("export", tmp_path / "m.onnx", []),
+                                 ("prune", tmp_path / "p.keras", ["-pth", "0.1"])):
+            out.write_bytes(b"the other run's file")
+            lock = tmp_path / f".{out.name}.bpnet.lock"
+            lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(),
+                                        "task": task}))
+            r = invoke(task, "-m", models["lite"], "-o", out, "-r", tmp_path / f"r_{task}",
+                       *extra)
+            assert r.exit_code == 1, r.output
+            lines = error_lines(r.output, task)
+            assert len(lines) == 1 and f"output {out} is in use by another run" in lines[0]
+            assert f"pid {other.pid}" in lines[0], lines
+            assert out.read_bytes() == b"the other run's file" and lock.exists()
+            lock.unlink()
+        # Free again: the lock is taken and released around the write.
+        r = invoke("export", "-m", models["lite"], "-o", tmp_path / "m.onnx", "-r", tmp_path / "r")
+        assert r.exit_code == 0, r.output
+        assert not list(tmp_path.glob(".*.lock"))
+        with output_lock(tmp_path / "sub" / "x.onnx", "test"):
+            assert (tmp_path / "sub" / ".x.onnx.bpnet.lock").is_file()
+        assert not (tmp_path / "sub" / ".x.onnx.bpnet.lock").exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
 def _leftovers(folder: Path):
     return sorted(p.name for p in folder.iterdir() if p.suffix in (".onnx", ".tmp", ".engine")
                   or p.name.startswith("."))

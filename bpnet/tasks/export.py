@@ -12,12 +12,13 @@ needs neither TensorRT nor a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Optional
 
 from ..errors import BpnetError
-from ..io import check_not_input, same_file
+from ..io import check_not_input, output_lock, same_file
 
 log = logging.getLogger("bpnet.export")
 
@@ -36,21 +37,28 @@ def _check_output(out: Path, model_path: Path, what: str):
         raise BpnetError(f"{what} {out}: is the model being exported; give another file name")
 
 
-def _check_outputs_against_inputs(model_path, out, engine_file, experiment_spec, data_type,
-                                  cal_image_dir, cal_data_file, cal_cache_file):
-    """No file this run writes is one it reads, or another file it writes."""
+def _outputs(out, engine_file, data_type, cal_image_dir, cal_data_file, cal_cache_file):
+    """[(option, path)] of the files this run writes."""
     int8 = data_type == "int8"
     writes_cal_data = int8 and bool(cal_image_dir and cal_data_file)
     writes_cache = int8 and bool(cal_cache_file) and not Path(cal_cache_file).is_file()
-    inputs = [("the model (-m)", model_path), ("the experiment spec (-e)", experiment_spec),
-              ("the calibration data read (--cal_data_file)",
-               cal_data_file if int8 and not writes_cal_data else None),
-              ("the calibration cache read (--cal_cache_file)",
-               cal_cache_file if int8 and not writes_cache else None)]
     outputs = [("-o", out), ("--engine_file", engine_file),
                ("--cal_data_file", cal_data_file if writes_cal_data else None),
                ("--cal_cache_file", cal_cache_file if writes_cache else None)]
-    outputs = [(n, Path(o)) for n, o in outputs if o is not None]
+    return [(n, Path(o)) for n, o in outputs if o is not None]
+
+
+def _check_outputs_against_inputs(model_path, out, engine_file, experiment_spec, data_type,
+                                  cal_image_dir, cal_data_file, cal_cache_file):
+    """No file this run writes is one it reads, or another file it writes."""
+    outputs = _outputs(out, engine_file, data_type, cal_image_dir, cal_data_file, cal_cache_file)
+    written = {n for n, _ in outputs}
+    int8 = data_type == "int8"
+    inputs = [("the model (-m)", model_path), ("the experiment spec (-e)", experiment_spec),
+              ("the calibration data read (--cal_data_file)",
+               cal_data_file if int8 and "--cal_data_file" not in written else None),
+              ("the calibration cache read (--cal_cache_file)",
+               cal_cache_file if int8 and "--cal_cache_file" not in written else None)]
     for i, (name, path) in enumerate(outputs):
         others = [(f"the {n} output", o) for n, o in outputs[i + 1:]]
         check_not_input(path, inputs + others, name)
@@ -116,65 +124,71 @@ def export(model_path, output_path=None, *, key: Optional[str] = None,
         if cal_image_dir:
             q8.list_cal_images(cal_image_dir)  # fails early on an empty folder
 
-    # The model (a wrong or missing key is one clear error there).
-    from ..model.meta import parse_meta
-    from ..model.weights import load_model_file
-    model, meta = load_model_file(model_path, key, "-m")
-    parsed = parse_meta(meta, str(model_path))
-    meta = dict(parsed.raw)
-    if experiment_spec:
-        meta = _apply_experiment_spec(meta, experiment_spec, model_path)
-    channels = parsed.input_channels
-    dims = parse_input_dims(input_dims, channels, parsed.stride)
-    if sdk_compatible_model and dims is None:
-        dims = (288, 384, channels)  # the bodypose2d app's input
-        log.info("--sdk_compatible_model without --input_dims: using DeepStream's 288,384,%d",
-                 channels)
-    batch = None if static_batch_size == -1 else int(static_batch_size)
-    sha = file_sha256(model_path)
-    if status is not None:
-        status.progress(0, message="converting to ONNX")
+    # Every file this run writes is locked: two runs writing one file at once (with
+    # different results dirs) would both report success while one's file is lost.
+    with contextlib.ExitStack() as locks:
+        for _, path in _outputs(out, engine_file, data_type, cal_image_dir, cal_data_file,
+                                cal_cache_file):
+            locks.enter_context(output_lock(path, "export"))
+        # The model (a wrong or missing key is one clear error there).
+        from ..model.meta import parse_meta
+        from ..model.weights import load_model_file
+        model, meta = load_model_file(model_path, key, "-m")
+        parsed = parse_meta(meta, str(model_path))
+        meta = dict(parsed.raw)
+        if experiment_spec:
+            meta = _apply_experiment_spec(meta, experiment_spec, model_path)
+        channels = parsed.input_channels
+        dims = parse_input_dims(input_dims, channels, parsed.stride)
+        if sdk_compatible_model and dims is None:
+            dims = (288, 384, channels)  # the bodypose2d app's input
+            log.info("--sdk_compatible_model without --input_dims: using DeepStream's 288,384,%d",
+                     channels)
+        batch = None if static_batch_size == -1 else int(static_batch_size)
+        sha = file_sha256(model_path)
+        if status is not None:
+            status.progress(0, message="converting to ONNX")
 
-    from ..export.onnx import (HEATMAP_NAME, INPUT_NAME, OPSET, PAF_NAME, SDK_PAF_NAME,
-                               keras_to_onnx, save_onnx, set_meta)
-    upsample = upsample_ratio if sdk_compatible_model else None
-    proto = keras_to_onnx(model, batch=batch, input_hw=dims[:2] if dims else None,
-                          channels=channels, paf_upsample=upsample)
-    meta.pop("num_stages", None)  # the file carries one stage
-    meta.update(precision=data_type, input_dims=list(dims) if dims else None,
-                source_model_sha256=sha, opset=OPSET, input_name=INPUT_NAME,
-                output_names=[SDK_PAF_NAME if upsample else PAF_NAME, HEATMAP_NAME])
-    if upsample:
-        meta["paf_upsample"] = int(upsample)
-    if data_type == "int8":
-        meta["int8_weight_bits"] = int(int8_weight_bits)  # runners warn where 8 saturates
-    set_meta(proto, meta)
-    summary = {"output": str(out), "precision": data_type, "input_dims": meta["input_dims"],
-               "batch": batch if batch else "dynamic", "opset": OPSET,
-               "source_model_sha256": sha}
+        from ..export.onnx import (HEATMAP_NAME, INPUT_NAME, OPSET, PAF_NAME, SDK_PAF_NAME,
+                                   keras_to_onnx, save_onnx, set_meta)
+        upsample = upsample_ratio if sdk_compatible_model else None
+        proto = keras_to_onnx(model, batch=batch, input_hw=dims[:2] if dims else None,
+                              channels=channels, paf_upsample=upsample)
+        meta.pop("num_stages", None)  # the file carries one stage
+        meta.update(precision=data_type, input_dims=list(dims) if dims else None,
+                    source_model_sha256=sha, opset=OPSET, input_name=INPUT_NAME,
+                    output_names=[SDK_PAF_NAME if upsample else PAF_NAME, HEATMAP_NAME])
+        if upsample:
+            meta["paf_upsample"] = int(upsample)
+        if data_type == "int8":
+            meta["int8_weight_bits"] = int(int8_weight_bits)  # runners warn where 8 saturates
+        set_meta(proto, meta)
+        summary = {"output": str(out), "precision": data_type, "input_dims": meta["input_dims"],
+                   "batch": batch if batch else "dynamic", "opset": OPSET,
+                   "source_model_sha256": sha}
 
-    if data_type == "fp16":
-        from ..export.fp16 import to_fp16
-        proto = to_fp16(proto)
-    elif data_type == "int8":
-        proto, cal = _int8(proto, parsed, sha, method, int8_scope, int8_weight_bits, dims,
-                           batch, cal_image_dir, cal_data_file, cal_cache_file, batches,
-                           batch_size, status, progress)
-        summary.update(cal)
-    save_onnx(proto, out)
-    log.info("wrote %s (%s, %.1f MB)", out, data_type, out.stat().st_size / 1e6)
+        if data_type == "fp16":
+            from ..export.fp16 import to_fp16
+            proto = to_fp16(proto)
+        elif data_type == "int8":
+            proto, cal = _int8(proto, parsed, sha, method, int8_scope, int8_weight_bits, dims,
+                               batch, cal_image_dir, cal_data_file, cal_cache_file, batches,
+                               batch_size, status, progress)
+            summary.update(cal)
+        save_onnx(proto, out)
+        log.info("wrote %s (%s, %.1f MB)", out, data_type, out.stat().st_size / 1e6)
 
-    if sdk_compatible_model:
-        from ..export.deepstream import write_deepstream_files
-        summary["deepstream_files"] = [str(p) for p in write_deepstream_files(
-            out, meta, dims, data_type, max_batch_size, upsample_ratio)]
+        if sdk_compatible_model:
+            from ..export.deepstream import write_deepstream_files
+            summary["deepstream_files"] = [str(p) for p in write_deepstream_files(
+                out, meta, dims, data_type, max_batch_size, upsample_ratio)]
 
-    if engine_file:
-        from ..export import tensorrt as trt_export
-        summary["engine"] = trt_export.build_or_explain(
-            out, Path(engine_file), meta, dims, data_type, batch, max_batch_size,
-            opt_batch_size, max_workspace_size)
-    return summary
+        if engine_file:
+            from ..export import tensorrt as trt_export
+            summary["engine"] = trt_export.build_or_explain(
+                out, Path(engine_file), meta, dims, data_type, batch, max_batch_size,
+                opt_batch_size, max_workspace_size)
+        return summary
 
 
 def _apply_experiment_spec(meta: dict, spec_path, model_path) -> dict:

@@ -26,7 +26,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from ..errors import BpnetError
-from ..io import check_not_input
+from ..io import check_not_input, output_lock
 from ..model.meta import make_meta
 
 log = logging.getLogger("bpnet.import_model")
@@ -230,8 +230,9 @@ def import_model(source: str, input_path, output_path, key: Optional[str] = None
     if output_path.is_dir():
         raise BpnetError(f"-o {output_path}: is a folder; give a file name (.keras)")
     pose = load_pose_config(pose_config_path) if pose_config_path else None
-    model, meta = import_tfpose(input_path, pose)
-    save_model(model, output_path, meta, key=key)
+    with output_lock(output_path, "import_model"):  # two runs, one -o: one error, no loss
+        model, meta = import_tfpose(input_path, pose)
+        save_model(model, output_path, meta, key=key)
     n_params = int(sum(np.prod(v.shape) for v in model.weights))
     return {"output": str(output_path), "parameters": n_params,
             "weights_copied": meta["source"]["weights_copied"],
