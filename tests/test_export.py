@@ -682,7 +682,8 @@ def _leftovers(folder: Path):
 @pytest.mark.parametrize("case", [
     "no_key", "wrong_key", "empty_cal_dir", "imageless_cal_dir", "foreign_cache",
     "dims_not_stride", "dims_channels", "dims_format", "output_is_folder", "output_is_model",
-    "missing_model", "int8_without_pictures", "cache_other_weight_bits"])
+    "missing_model", "int8_without_pictures", "cache_other_weight_bits", "cache_inverted_range",
+    "cache_string_range", "cache_nan_scale", "cache_string_version"])
 def test_bad_input_is_one_clear_error_and_leaves_nothing(models, int8_run, tmp_path, case):
     work = tmp_path / "w"
     work.mkdir()
@@ -724,6 +725,24 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing(models, int8_run, tmp_p
         args = base + int8 + ["--cal_cache_file", int8_run[0] / "cal.json", "-d", "64,96,3",
                               "--int8_weight_bits", "7"]
         msg = "made with --int8_weight_bits 8"
+    elif case.startswith("cache_"):  # the lite model's own cache, edited by hand
+        doc = json.loads((int8_run[0] / "cal.json").read_text())
+        name = sorted(doc["ranges"])[0]
+        if case == "cache_inverted_range":
+            doc["ranges"][name] = [5.0, -5.0]
+            msg = f"the range of {name!r} is [5.0, -5.0]"
+        elif case == "cache_string_range":
+            doc["ranges"][name] = ["-1", "1"]
+            msg = f"the range of {name!r} is ['-1', '1']"
+        elif case == "cache_nan_scale":
+            eq = sorted(doc["equalization"])[0]
+            doc["equalization"][eq][0] = float("nan")
+            msg = f"the equalization scales of {eq!r}"
+        else:
+            doc["version"], msg = "3", "its version '3' is not a whole number"
+        edited = tmp_path / "edited.json"
+        edited.write_text(json.dumps(doc))
+        args = base + int8 + ["--cal_cache_file", edited, "-d", "64,96,3"]
     else:
         args, msg = base + ["--data_type", "int8"], "needs calibration pictures"
     before = sorted(p.name for p in models["lite"].parent.iterdir())

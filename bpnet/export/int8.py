@@ -185,9 +185,13 @@ def read_cache(path, model_sha256: str, method: str, graph_sha256: str,
     if not isinstance(doc, dict) or doc.get("format") != CACHE_FORMAT:
         raise BpnetError(f"--cal_cache_file {p}: not a bpnet calibration cache (a TensorRT "
                          "calibration table is not one; delete it or name a new file)")
-    if doc.get("version", 0) > CACHE_VERSION:
+    version = doc.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BpnetError(f"--cal_cache_file {p}: its version {version!r} is not a whole number "
+                         "(edited by hand?); name a new file to calibrate again")
+    if version > CACHE_VERSION:
         raise BpnetError(f"--cal_cache_file {p}: written by a newer bpnet")
-    if doc.get("version", 0) < CACHE_VERSION:
+    if version < CACHE_VERSION:
         raise BpnetError(f"--cal_cache_file {p}: written by an older bpnet (its calibration "
                          "does not fit this one's); delete it or name a new file to calibrate again")
     if doc.get("source_model_sha256") != model_sha256:
@@ -211,7 +215,32 @@ def read_cache(path, model_sha256: str, method: str, graph_sha256: str,
     for key in ("equalization", "bias_correction"):
         if not isinstance(doc.get(key), dict):
             raise BpnetError(f"--cal_cache_file {p}: holds no {key}; name a new file to calibrate")
+    _check_cache_values(p, doc)
     return doc
+
+
+def _finite_numbers(v) -> bool:
+    return (isinstance(v, list) and bool(v)
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+                    for x in v))
+
+
+def _check_cache_values(p: Path, doc: dict):
+    """Every range a finite [lowest, highest] with lowest <= highest, every equalization scale
+    finite and positive, every bias correction finite: a cache edited by hand (or damaged)
+    is one error naming the entry, never a file quantized from nonsense."""
+    def bad(what, name, v):
+        return BpnetError(f"--cal_cache_file {p}: {what} of {name!r} is {str(v)[:60]}; "
+                          "name a new file to calibrate again")
+    for name, r in doc["ranges"].items():
+        if not (_finite_numbers(r) and len(r) == 2 and r[0] <= r[1]):
+            raise bad("the range", name, r)
+    for name, s in doc["equalization"].items():
+        if not (_finite_numbers(s) and min(s) > 0):
+            raise bad("the equalization scales", name, s)
+    for name, b in doc["bias_correction"].items():
+        if not _finite_numbers(b):
+            raise bad("the bias correction", name, b)
 
 
 def write_cache(path, model_sha256: str, method: str, cal: "Calibration", images: int, hw,
