@@ -131,6 +131,24 @@ def test_evaluate_rejects_dataset_spec_without_test_data(tmp_path, model_file):
     assert json.loads((out / "status.json").read_text())["status"] == "FAILURE"
 
 
+def test_evaluate_with_no_person_to_score_is_an_error_not_minus_one(tmp_path, model_file):
+    ann = json.loads((COCO_TINY / "annotations" / "person_keypoints_val2017.json").read_text())
+    for a in ann["annotations"]:  # every person without keypoints (or a crowd): COCO scores -1
+        a["num_keypoints"] = 0 if a["id"] % 2 else a["num_keypoints"]
+        a["iscrowd"] = 0 if a["id"] % 2 else 1
+    ann_path = tmp_path / "ann.json"
+    ann_path.write_text(json.dumps(ann))
+    ds = _dataset_spec(tmp_path, annotation_root_dir_path=str(ann_path))
+    out = tmp_path / "r"
+    r = bpnet_cli("evaluate", "-i", REPO / "specs" / "infer_spec_mobilenet_thin.yaml",
+                  "-m", model_file, "-d", ds, "-r", out)
+    errs = error_lines(r.stderr, "evaluate")
+    assert r.returncode == 1 and len(errs) == 1, r.stderr
+    assert "hold no person with labelled keypoints" in errs[0] and "nothing to score" in errs[0]
+    assert not (out / "results.csv").exists()
+    assert json.loads((out / "status.json").read_text())["status"] == "FAILURE"
+
+
 def test_evaluate_skips_and_counts_missing_unreadable_and_resized_images(tmp_path, model_file):
     import cv2
     from bpnet.tasks.evaluate import evaluate
@@ -169,7 +187,10 @@ def test_evaluate_skips_and_counts_missing_unreadable_and_resized_images(tmp_pat
 
 
 def test_evaluate_rejects_model_whose_pose_does_not_match_dataset(tmp_path, model_file):
-    ann = {"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}], "annotations": [],
+    person = {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "num_keypoints": 2,
+              "keypoints": [2, 2, 2, 6, 6, 2], "bbox": [1, 1, 6, 6], "area": 36}
+    ann = {"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}],
+           "annotations": [person],
            "categories": [{"id": 1, "name": "person", "keypoints": ["head", "tail"], "skeleton": [[1, 2]]}]}
     (tmp_path / "ann.json").write_text(json.dumps(ann))
     ds = _dataset_spec(tmp_path, images_root_dir_path=str(COCO_TINY / "val2017"),

@@ -152,6 +152,16 @@ def format_table(kpi: dict, extra: Optional[dict] = None) -> str:
     return "\n".join(lines)
 
 
+def _check_people_to_score(coco, image_ids, dataset_spec_path, which: str = ""):
+    """COCO's keypoint metrics score non-crowd people with at least one labelled keypoint;
+    without one among ``image_ids`` every metric is -1: an error, not a result."""
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=image_ids))
+    if not any(a.get("num_keypoints", 0) > 0 and not a.get("iscrowd") for a in anns):
+        raise BpnetError(f"{dataset_spec_path}: the {len(image_ids)} {which}test images hold no "
+                         f"person with labelled keypoints (none of their {len(anns)} "
+                         "annotations is a non-crowd person with keypoints): nothing to score")
+
+
 def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=None, key=None,
              status=None, show_progress: bool = True, batch_size: int = 4,
              runtime=None, precision=None) -> dict:
@@ -192,6 +202,7 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
     if not present:
         raise BpnetError(f"{dataset_spec_path}: none of the {len(image_ids)} test images exist "
                          f"under {images_dir}; check root_directory_path and images_root_dir_path")
+    _check_people_to_score(coco, [it.image_id for it in present], dataset_spec_path)
 
     predictor = Predictor(infer_spec, model_path=model_path, key=key, batch_size=batch_size,
                           runtime=runtime, precision=precision, streams=1)
@@ -237,6 +248,7 @@ def evaluate(inference_spec_path, dataset_spec_path, results_dir, model_path=Non
                else "none could be decoded")
         raise BpnetError(f"none of the test images under {images_dir} could be evaluated: {why}")
     timing = timer.summary()
+    _check_people_to_score(coco, evaluated, dataset_spec_path, "evaluated ")
 
     kpi = run_cocoeval(coco, coco_dets, evaluated)
     print(format_table(kpi, timing), flush=True)
