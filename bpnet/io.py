@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -129,6 +130,21 @@ def same_file(a, b) -> bool:
             return False
     return a.resolve() == b.resolve()
 
+def _parse_error(e: Exception, text: str) -> str:
+    """Where and what a YAML or JSON parse error is, on one line."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is not None and problem:  # PyYAML: 0-based line and column
+        where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+        context = getattr(e, "context", None)
+        msg = where + (f" ({context})" if context else "")
+    else:  # json.JSONDecodeError says where itself
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if re.search(r"^\s*[A-Za-z_]\w*\s*\{\s*$", text, flags=re.M):
+        msg += ("; this looks like a protobuf-text spec (name { ... } blocks): bpnet reads "
+                "YAML or JSON specs with TAO BodyPoseNet's keys (docs/specs.md)")
+    return msg
+
+
 def read_mapping(path) -> dict:
     """Read a YAML or JSON file into a dict, with clear errors."""
     path = Path(path)
@@ -150,7 +166,7 @@ def read_mapping(path) -> dict:
             data = yaml.safe_load(text)
     except Exception as e:  # yaml/json both have several error types
         raise SpecError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+                        f"{_parse_error(e, text)}") from e
     if data is None:  # an empty file (or only comments): never run on silent defaults
         raise SpecError(f"{path}: the file is empty; write the keys it needs (an explicit {{}} "
                         "means all defaults)")

@@ -250,6 +250,14 @@ def test_unreadable_files(tmp_path):
     p.write_text("dataloader: [unclosed\n")
     with pytest.raises(BpnetError, match="not valid YAML"):
         load_train_spec(p)
+    # Where the error is, and a hint when the file is protobuf text (name { ... } blocks).
+    p.write_text("model_config: {stages: 3}\ndataloader: [1, 2\nbatch_size: 3\n")
+    with pytest.raises(BpnetError, match=r"not valid YAML: line 3, column 11: expected ',' or "
+                                         r"']', but got ':' \(while parsing a flow sequence\)$"):
+        load_train_spec(p)
+    p.write_text("dataloader {\n  batch_size: 3\n  image_ofset: 0.5\n}\n")
+    with pytest.raises(BpnetError, match=r"line 2, column 13: .*looks like a protobuf-text spec"):
+        load_train_spec(p)
     p = tmp_path / "list.json"
     p.write_text("[1, 2]")
     with pytest.raises(BpnetError, match="top level must be a mapping"):
