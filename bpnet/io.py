@@ -31,18 +31,33 @@ def atomic_path(path):
     file under the final name that looks complete.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _cannot_write(path, e) from None
     os.close(fd)
     try:
         yield Path(tmp)
         if os.path.isfile(tmp):  # mkstemp makes 0600; give files the usual permissions
             os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename in (tmp, str(path), None):
+            raise _cannot_write(path, e) from None
         raise
+
+
+def _cannot_write(path: Path, e: OSError) -> OSError:
+    """The error of a failed atomic write, naming the file asked for, not the hidden
+    temporary one (still an OSError, with its errno)."""
+    why = e.strerror or str(e)
+    blocker = next((p for p in Path(path).parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        why = f"{blocker} is a file, not a folder"
+    return OSError(e.errno, f"cannot write {path}: {why}")
 
 
 def write_bytes_atomic(path, data: bytes):
@@ -287,5 +302,5 @@ def output_lock(path, task: str) -> RunLock:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise BpnetError(f"cannot write {path}: {e.strerror or e}") from None
+        raise BpnetError(_cannot_write(path, e).strerror) from None
     return RunLock(path.parent / f".{path.name}.bpnet.lock", f"output {path}", task)

@@ -683,7 +683,7 @@ def _leftovers(folder: Path):
     "no_key", "wrong_key", "empty_cal_dir", "imageless_cal_dir", "foreign_cache",
     "dims_not_stride", "dims_channels", "dims_format", "output_is_folder", "output_is_model",
     "missing_model", "int8_without_pictures", "cache_other_weight_bits", "cache_inverted_range",
-    "cache_string_range", "cache_nan_scale", "cache_string_version"])
+    "cache_string_range", "cache_nan_scale", "cache_string_version", "output_under_a_file"])
 def test_bad_input_is_one_clear_error_and_leaves_nothing(models, int8_run, tmp_path, case):
     work = tmp_path / "w"
     work.mkdir()
@@ -725,6 +725,10 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing(models, int8_run, tmp_p
         args = base + int8 + ["--cal_cache_file", int8_run[0] / "cal.json", "-d", "64,96,3",
                               "--int8_weight_bits", "7"]
         msg = "made with --int8_weight_bits 8"
+    elif case == "output_under_a_file":  # the error names -o, not a hidden temporary file
+        (work / "f.txt").write_text("a file")
+        args = ["export", "-m", models["lite"], "-o", work / "f.txt" / "m.onnx", "-r", tmp_path / "r"]
+        msg = f"cannot write {work / 'f.txt' / 'm.onnx'}: {work / 'f.txt'} is a file, not a folder"
     elif case.startswith("cache_"):  # the lite model's own cache, edited by hand
         doc = json.loads((int8_run[0] / "cal.json").read_text())
         name = sorted(doc["ranges"])[0]
