@@ -683,7 +683,8 @@ def _leftovers(folder: Path):
     "no_key", "wrong_key", "empty_cal_dir", "imageless_cal_dir", "foreign_cache",
     "dims_not_stride", "dims_channels", "dims_format", "output_is_folder", "output_is_model",
     "missing_model", "int8_without_pictures", "cache_other_weight_bits", "cache_inverted_range",
-    "cache_string_range", "cache_nan_scale", "cache_string_version", "output_under_a_file"])
+    "cache_string_range", "cache_nan_scale", "cache_string_version", "output_under_a_file",
+    "dims_too_large"])
 def test_bad_input_is_one_clear_error_and_leaves_nothing(models, int8_run, tmp_path, case):
     work = tmp_path / "w"
     work.mkdir()
@@ -708,6 +709,8 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing(models, int8_run, tmp_p
         msg = "made for another model"
     elif case == "dims_not_stride":
         args, msg = base + ["-d", "370,640,3"], "multiples of the model's stride 8"
+    elif case == "dims_too_large":
+        args, msg = base + ["-d", "99992,99992,3"], "sides above 4096 pixels are refused"
     elif case == "dims_channels":
         args, msg = base + ["-d", "368,640,1"], "takes 3 input channel"
     elif case == "dims_format":

@@ -62,6 +62,10 @@ def parse_input_dims(text: Optional[str], channels: int, stride: int = STRIDE
     h, w, c = dims
     if h <= 0 or w <= 0:
         raise BpnetError(f"--input_dims {text!r}: height and width must be positive")
+    from ..specs import MAX_INPUT_SIDE
+    if max(h, w) > MAX_INPUT_SIDE:
+        raise BpnetError(f"--input_dims {text!r}: sides above {MAX_INPUT_SIDE} pixels are "
+                         "refused, as in the inference spec's input_shape")
     if h % stride or w % stride:
         raise BpnetError(f"--input_dims {text!r}: height and width must be multiples of the "
                          f"model's stride {stride} (e.g. {max(stride, h // stride * stride)},"
