@@ -389,12 +389,19 @@ def test_int8_cache_is_reused_and_cal_data_file_read(int8_run, models, tmp_path)
 
 def test_fewer_calibration_pictures_than_asked_are_used_with_a_warning(models, tmp_path):
     need(VAL)
+    import shutil
+    pics = tmp_path / "pics"
+    shutil.copytree(VAL, pics)
+    (pics / "zz_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
     r = invoke("export", "-m", models["lite"], "-o", tmp_path / "q.onnx", "--data_type", "int8",
-               "--cal_image_dir", VAL, "--batches", 10, "--batch_size", 1, "-d", "64,96,3",
+               "--cal_image_dir", pics, "--batches", 10, "--batch_size", 1, "-d", "64,96,3",
                "--cal_method", "minmax", "-r", tmp_path / "r")
     assert r.exit_code == 0, r.output
-    assert "calibration wants 10 pictures" in r.stderr and "using all 4" in r.stderr
-    assert json.loads((tmp_path / "r" / "status.json").read_text())["cal_images"] == 4
+    assert "calibration wants 10 pictures" in r.stderr and "using all 5" in r.stderr
+    assert "skipping calibration picture" in r.stderr
+    status = json.loads((tmp_path / "r" / "status.json").read_text())
+    assert status["cal_images"] == 4
+    assert [Path(s["path"]).name for s in status["cal_skipped"]] == ["zz_corrupt.jpg"]
     assert (tmp_path / "q.onnx").is_file()
 
 

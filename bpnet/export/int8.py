@@ -118,8 +118,9 @@ def preprocess_strict(image_bgr: np.ndarray, hw, normalization, channels: int) -
 
 
 def calibration_inputs(files: Sequence[Path], hw, normalization, channels: int,
-                       progress: bool = False) -> np.ndarray:
-    """[N, H, W, C] float32 network inputs of the pictures (unreadable ones skipped)."""
+                       progress: bool = False, skipped: Optional[list] = None) -> np.ndarray:
+    """[N, H, W, C] float32 network inputs of the pictures (unreadable ones skipped, and
+    added to ``skipped`` as {"path", "reason"} when it is given)."""
     from tqdm import tqdm
 
     from ..infer.preprocess import read_image
@@ -129,6 +130,8 @@ def calibration_inputs(files: Sequence[Path], hw, normalization, channels: int,
             img = read_image(p)
         except BpnetError as e:
             log.warning("skipping calibration picture %s: %s", p, e)
+            if skipped is not None:
+                skipped.append({"path": str(p), "reason": str(e)})
             continue
         out.append(preprocess_strict(img, hw, normalization, channels))
     if not out:

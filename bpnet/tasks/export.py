@@ -229,7 +229,11 @@ def _int8(proto, parsed, sha, method, scope, weight_bits, dims, batch, cal_image
             files = q8.sample_images(q8.list_cal_images(cal_image_dir), want)
             if status is not None:
                 status.progress(0, len(files), message="reading calibration pictures")
-            data = q8.calibration_inputs(files, hw, normalization, parsed.input_channels, progress)
+            skipped: list = []
+            data = q8.calibration_inputs(files, hw, normalization, parsed.input_channels, progress,
+                                         skipped)
+            if skipped:  # in status.json, as inference and evaluate list theirs
+                info["cal_skipped"] = skipped
             if cal_data_file:
                 q8.save_cal_data_file(cal_data_file, data)
                 info["cal_data_file"] = str(cal_data_file)
