@@ -113,3 +113,28 @@ def test_tensorflow_runtime_errors_come_out_as_their_useful_line():
         "\t [[{{node PyFuncStateless_1}}]]")
     assert tensorflow_error_message(wrapped) == "cannot read the mask /m/1.png: No such file or directory"
     assert tensorflow_error_message(ValueError("not from tensorflow")) is None
+
+
+def test_ctrl_c_while_tensorflow_imports_is_held_then_raised():
+    """A Ctrl-C during TensorFlow's import is raised when the import ends (raised inside it,
+    TensorFlow's handlers and GC callbacks can drop it); an ignored SIGINT stays ignored."""
+    import os
+    import signal
+
+    from bpnet._tfquiet import _ctrl_c_held
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with _ctrl_c_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(100000))  # bytecode runs on: a raised interrupt would land here
+            reached.append(True)
+    assert reached == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _ctrl_c_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(100000))
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
