@@ -30,6 +30,8 @@ def _setup_logging(level: str):
     if level != "DEBUG":
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+        # FFmpeg's own lines ("moov atom not found") beside bpnet's one error line.
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
         for noisy in ("tensorflow", "absl", "h5py", "tf2onnx", "matplotlib", "numba"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
 

@@ -420,6 +420,18 @@ def test_bad_input_is_one_clear_error_and_no_output(tmp_path, tiny, spec_file, c
     assert json.loads((out / "status.json").read_text())["status"] == "FAILURE"
 
 
+def test_an_unreadable_video_is_only_bpnets_line_on_stderr(tmp_path, tiny, spec_file):
+    from conftest import bpnet_cli
+    clip = tmp_path / "clip.mp4"  # an MP4 header, then garbage: FFmpeg has its own say
+    clip.write_bytes(b"\x00\x00\x00\x18ftypmp42" + np.random.default_rng(0).bytes(2000))
+    r = bpnet_cli("inference", "-i", spec_file, "-m", tiny, "--input_type", "video",
+                  "--input", clip, "-r", tmp_path / "out")
+    assert r.returncode == 1
+    lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("INFO ")]
+    assert lines == [f"bpnet inference: error: --input {clip}: cannot open as a video (corrupt "
+                     "or unsupported format)"], r.stderr
+
+
 def test_a_rerun_replaces_the_outputs_and_a_failed_one_keeps_them(tmp_path, tiny, spec_file):
     pics = tmp_path / "pics"
     pics.mkdir()
