@@ -99,11 +99,14 @@ def test_fixed_size_onnx_model_forces_its_input_size(tiny_onnx, caplog):
     ("missing.keras", "model file not found"),
     ("text.keras", "not a readable|cannot|not a bpnet|zip"),
     ("junk.onnx", "not a loadable ONNX model"),
+    ("empty.onnx", r"not an ONNX model \(an empty file\)"),
     ("model.engine", "TensorRT engines"),
 ])
 def test_missing_or_wrong_model_file_is_one_clear_error(tmp_path, bad, msg):
     p = tmp_path / bad
-    if bad != "missing.keras":
+    if bad == "empty.onnx":
+        p.write_bytes(b"")
+    elif bad != "missing.keras":
         p.write_bytes(b"hello, I am not a model\n" * 10)
     with pytest.raises(BpnetError, match=msg):
         load_runner(p)

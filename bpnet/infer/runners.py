@@ -282,6 +282,10 @@ def _read_onnx_meta(path) -> dict:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises several types
         raise BpnetError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0]})") from None
+    if not proto.graph.node:  # an empty file parses as an empty model
+        size = Path(path).stat().st_size
+        raise BpnetError(f"{path}: not an ONNX model ({'an empty file' if not size else 'no graph'}"
+                         "); export the model again with `bpnet export`")
     raw = {p.key: p.value for p in proto.metadata_props}.get(ONNX_META_KEY)
     return _parse_onnx_meta(raw, path)
 
