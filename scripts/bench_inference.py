@@ -4,7 +4,7 @@
     python scripts/bench_inference.py      # everything (imported: ~30 minutes on a loaded 2-core CPU)
     python scripts/bench_inference.py --models imported --heights 368 --no_ap   # a few minutes
     options: --models imported,vgg  --runtimes keras,onnxruntime,openvino
-             --precisions fp32,int8,int8_backbone
+             --precisions fp32,int8,int8_backbone (+ int8_w7, int8_backbone_w7)
              --heights 368,432,496 (VGG: the first only; HxW, e.g. 368x432: padded to exactly
                that input, pad_image_input)  --seconds 6  --max_frames 150
              --ap / --no_ap (imported network only)  --work DIR (models and ONNX files, reused)
@@ -30,7 +30,9 @@ specs/infer_spec_mobilenet_thin.yaml; ``vgg``, the default BpNetModel with rando
 (speed only; its INT8 file is calibrated all the same; exporting it takes about 4 GB of
 memory). ONNX files come from `bpnet export`
 (fp32; --data_type int8 calibrated on 10 coco_tiny train2017 pictures (the export default: percentile), with
---int8_scope all = ``int8`` and backbone = ``int8_backbone``); OpenVINO also computes each
+--int8_scope all = ``int8`` and backbone = ``int8_backbone``; a ``_w7`` suffix adds
+--int8_weight_bits 7, the INT8 files for x86 CPUs without VNNI: the first line says whether
+this CPU is one, ``cpu_int8_saturates``); OpenVINO also computes each
 file in bfloat16 (--inference_precision bf16: ``bf16`` for the fp32 file, ``int8+bf16`` and
 ``int8_backbone+bf16`` for the float layers of the INT8 files; --no_bf16 leaves them out),
 and runs each with 1 and 2 streams (``streams``: frames in the network at once, the
@@ -140,9 +142,11 @@ def make_models(name, work: Path, precisions):
         if not out.exists():
             kw = {}
             if prec.startswith("int8"):
-                scope = "backbone" if prec == "int8_backbone" else "all"
+                scope = "backbone" if prec.startswith("int8_backbone") else "all"
+                bits = 7 if prec.endswith("_w7") else 8
+                cache = work / f"{name}_cal_{scope}{'_w7' if bits == 7 else ''}.json"
                 kw = dict(cal_image_dir=str(COCO_TINY / "train2017"), batches=10, batch_size=1,
-                          cal_cache_file=str(work / f"{name}_cal_{scope}.json"), int8_scope=scope)
+                          cal_cache_file=str(cache), int8_scope=scope, int8_weight_bits=bits)
             with contextlib.redirect_stdout(sys.stderr):
                 export(keras_file, out, data_type=prec[:4], progress=False, **kw)
         files[prec] = out
@@ -212,7 +216,7 @@ def main():
     import logging
     logging.basicConfig(level=logging.WARNING)
 
-    from bpnet.infer.runners import runtime_installed, usable_cores
+    from bpnet.infer.runners import cpu_int8_saturates, runtime_installed, usable_cores
     from bpnet.infer.predictor import Predictor
     from bpnet.specs import load_inference_spec
     versions = {}
@@ -221,6 +225,7 @@ def main():
             versions[mod] = __import__(mod).__version__
     print(json.dumps({"machine": platform.processor() or platform.machine(),
                       "usable_cores": usable_cores(),
+                      "cpu_int8_saturates": cpu_int8_saturates(),
                       "load_avg_1_5_15": [round(v, 2) for v in os.getloadavg()],
                       "versions": versions}), flush=True)
     runtimes = [r for r in a.runtimes.split(",") if r]
