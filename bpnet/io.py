@@ -145,6 +145,7 @@ def same_file(a, b) -> bool:
             return False
     return a.resolve() == b.resolve()
 
+
 def _parse_error(e: Exception, text: str) -> str:
     """Where and what a YAML or JSON parse error is, on one line."""
     mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)

@@ -11,8 +11,9 @@ engine in ``<engine>.json``; the TensorRT runner reads that, or else the ONNX
 file of the same name beside the engine.
 
 TensorRT is imported lazily; without it ``build_or_explain`` writes the
-``<engine>.json`` the engine will need and returns the ``trtexec`` command that builds the engine there, so that
-the engine trtexec writes is read by ``bpnet inference`` / ``evaluate`` as it is.
+``<engine>.json`` the engine will need and returns the ``trtexec`` command
+that builds the engine there, so that the engine trtexec writes is read by
+``bpnet inference`` / ``evaluate`` as it is.
 """
 
 from __future__ import annotations
