@@ -360,11 +360,15 @@ def test_folder_with_bad_files_keeps_every_good_result(tmp_path, tiny, spec_file
     assert not list(out.glob(".*.tmp"))
 
 
+def _grey_pictures(folder: Path, names, value: int) -> Path:
+    folder.mkdir()
+    for n in names:
+        cv2.imwrite(str(folder / n), np.full((40, 56, 3), value, np.uint8))
+    return folder
+
+
 def test_json_inputs_list_and_coco_style(tmp_path, tiny, spec_file):
-    root = tmp_path / "imgs"
-    root.mkdir()
-    for n in ("x.jpg", "y.png"):
-        cv2.imwrite(str(root / n), np.full((40, 56, 3), 77, np.uint8))
+    root = _grey_pictures(tmp_path / "imgs", ("x.jpg", "y.png"), 77)
     lst = tmp_path / "list.json"
     lst.write_text(json.dumps(["x.jpg", "gone.jpg", "y.png"]))
     r = invoke("inference", "-i", str(spec_file), "-m", str(tiny), "--input_type", "json",
@@ -436,10 +440,7 @@ def test_an_unreadable_video_is_only_bpnets_line_on_stderr(tmp_path, tiny, spec_
 
 
 def test_a_rerun_replaces_the_outputs_and_a_failed_one_keeps_them(tmp_path, tiny, spec_file):
-    pics = tmp_path / "pics"
-    pics.mkdir()
-    for n in ("a.png", "b.png"):
-        cv2.imwrite(str(pics / n), np.full((40, 56, 3), 90, np.uint8))
+    pics = _grey_pictures(tmp_path / "pics", ("a.png", "b.png"), 90)
     out = tmp_path / "out"
 
     def run(itype, inp):
