@@ -312,9 +312,10 @@ def import_model_cmd(source, input_path, output_path, key, pose_config, results_
               help="INT8: calibration ranges cache (reused when it exists, written when not).")
 @click.option("--cal_method", type=click.Choice(["minmax", "entropy", "percentile"]),
               default=None, help="INT8 calibration method (default: percentile). bpnet extension.")
-@click.option("--int8_scope", type=click.Choice(["all", "backbone"]), default="all",
-              show_default=True, help="INT8: quantize everything, or only the backbone (the "
-              "stages stay float; for networks whose stages lose accuracy). bpnet extension.")
+@click.option("--int8_scope", type=click.Choice(["auto", "all", "backbone"]), default="auto",
+              show_default=True, help="INT8: quantize only the backbone (the refinement stages "
+              "stay float), or everything (faster, less accurate); auto: backbone where the "
+              "network has refinement stages, else all. bpnet extension.")
 @click.option("--int8_weight_bits", type=click.Choice(["8", "7"]), default="8",
               show_default=True, help="INT8: weights rounded to 8 bits, or to 7 for x86 CPUs "
               "without VNNI (AVX2, older AVX-512), whose int8 kernels saturate with 8-bit "

@@ -283,6 +283,10 @@ def test_int8_qdq_file_runs_and_writes_its_cache(int8_run, exported):
             assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
     status = json.loads((d / "r" / "status.json").read_text())
     assert status["cal_images"] == 4 and status["cal_cache"] == "written"
+    # The default scope: a network with refinement stages keeps them float.
+    from bpnet.export.onnx import get_meta
+    assert status["int8_scope_asked"] == "auto" and status["int8_scope"] == "backbone"
+    assert get_meta(proto)["int8_scope"] == "backbone"
     cache = json.loads((d / "cal.json").read_text())
     assert cache["source_model_sha256"] == status["source_model_sha256"]
     assert cache["cal_method"] == "minmax" and len(cache["ranges"]) > 10
@@ -364,7 +368,7 @@ def test_cpu_int8_saturation_is_read_from_the_cpu_flags(tmp_path):
     assert cpu_flags(str(tmp_path / "missing")) is None
 
 
-def test_int8_cache_is_reused_and_cal_data_file_read(int8_run, models, tmp_path):
+def test_int8_cache_is_reused_and_cal_data_file_read(int8_run, models, exported, tmp_path):
     d, first = int8_run
     assert first.exit_code == 0, first.output
     r = invoke("export", "-m", models["lite"], "-o", tmp_path / "q2.onnx", "--data_type", "int8",
@@ -377,6 +381,19 @@ def test_int8_cache_is_reused_and_cal_data_file_read(int8_run, models, tmp_path)
     b = _ort(tmp_path / "q2.onnx").run(None, {"input_1:0": x})
     for u, v in zip(a, b):
         np.testing.assert_array_equal(u, v)
+    # One calibration serves every scope: --int8_scope all from the same cache quantizes the
+    # stages too (the default kept them float), and its maps still follow the float model's.
+    r = invoke("export", "-m", models["lite"], "-o", tmp_path / "qa.onnx", "--data_type", "int8",
+               "--cal_cache_file", d / "cal.json", "--cal_method", "minmax", "-d", "64,96,3",
+               "--int8_scope", "all", "-r", tmp_path / "ra")
+    assert r.exit_code == 0, r.output
+    every = json.loads((tmp_path / "ra" / "status.json").read_text())
+    default = json.loads((d / "r" / "status.json").read_text())
+    assert every["int8_scope"] == every["int8_scope_asked"] == "all"
+    assert every["QuantizeLinear"] > default["QuantizeLinear"] > 10
+    f = _ort(exported["lite"]).run(None, {"input_1:0": x})
+    for u, v in zip(_ort(tmp_path / "qa.onnx", exact=True).run(None, {"input_1:0": x}), f):
+        assert np.corrcoef(u.ravel(), v.ravel())[0, 1] > 0.9
     # The tensor file written by the first run calibrates alone, to the same ranges.
     r = invoke("export", "-m", models["lite"], "-o", tmp_path / "q3.onnx", "--data_type", "int8",
                "--cal_data_file", d / "cal.npy", "--cal_method", "minmax", "-d", "64,96,3",
@@ -526,7 +543,7 @@ def test_layer_sensitivity_measures_each_units_share_of_the_noise(exported):
     assert abs(q8.combined_sqnr([10.0, 10.0]) - 10 * np.log10(5)) < 1e-9
 
 
-def test_int8_scope_backbone_refuses_a_one_stage_network(tmp_path):
+def test_int8_scope_backbone_refuses_a_one_stage_network_and_auto_takes_all(tmp_path):
     from bpnet.model.build import build_model
     from bpnet.model.io import save_model
     need(VAL)
@@ -540,6 +557,14 @@ def test_int8_scope_backbone_refuses_a_one_stage_network(tmp_path):
     assert r.exit_code == 1
     assert "no refinement stages" in " ".join(error_lines(r.stderr, "export"))
     assert not (tmp_path / "q.onnx").exists()
+    # The default (auto) quantizes every layer of such a network.
+    r = invoke("export", "-m", tmp_path / "one.keras", "-o", tmp_path / "q.onnx", "--data_type",
+               "int8", "--cal_image_dir", VAL, "--batches", 1, "-d", "64,96,3",
+               "-r", tmp_path / "r")
+    assert r.exit_code == 0, r.output
+    assert "--int8_scope auto quantizes every layer" in r.stderr
+    status = json.loads((tmp_path / "r" / "status.json").read_text())
+    assert status["int8_scope"] == "all" and status["int8_scope_asked"] == "auto"
 
 
 @pytest.mark.parametrize("version", [1, 2])

@@ -67,7 +67,7 @@ def _check_outputs_against_inputs(model_path, out, engine_file, experiment_spec,
 def export(model_path, output_path=None, *, key: Optional[str] = None,
            experiment_spec=None, data_type: str = "fp32", cal_image_dir=None,
            cal_data_file=None, cal_cache_file=None, cal_method: Optional[str] = None,
-           int8_scope: str = "all", int8_weight_bits: int = 8,
+           int8_scope: str = "auto", int8_weight_bits: int = 8,
            batches: int = 10, batch_size: int = 1, max_batch_size: int = 1,
            opt_batch_size: int = 1, static_batch_size: int = -1,
            max_workspace_size: Optional[int] = None, engine_file=None,
@@ -162,6 +162,14 @@ def export(model_path, output_path=None, *, key: Optional[str] = None,
             meta["paf_upsample"] = int(upsample)
         if data_type == "int8":
             meta["int8_weight_bits"] = int(int8_weight_bits)  # runners warn where 8 saturates
+            scope = q8.resolve_scope(proto, int8_scope)
+            meta["int8_scope"] = scope
+            if int8_scope == "auto":
+                log.info("INT8: --int8_scope auto quantizes %s", {
+                    "backbone": "the backbone; the refinement stages stay float (--int8_scope "
+                                "all puts them in int8 too: faster, and less accurate; check "
+                                "with bpnet evaluate)",
+                    "all": "every layer (the network has no refinement stages)"}[scope])
         set_meta(proto, meta)
         summary = {"output": str(out), "precision": data_type, "input_dims": meta["input_dims"],
                    "batch": batch if batch else "dynamic", "opset": OPSET,
@@ -171,10 +179,10 @@ def export(model_path, output_path=None, *, key: Optional[str] = None,
             from ..export.fp16 import to_fp16
             proto = to_fp16(proto)
         elif data_type == "int8":
-            proto, cal = _int8(proto, parsed, sha, method, int8_scope, int8_weight_bits, dims,
+            proto, cal = _int8(proto, parsed, sha, method, scope, int8_weight_bits, dims,
                                batch, cal_image_dir, cal_data_file, cal_cache_file, batches,
                                batch_size, status, progress)
-            summary.update(cal)
+            summary.update(cal, int8_scope_asked=int8_scope)
         save_onnx(proto, out)
         log.info("wrote %s (%s, %.1f MB)", out, data_type, out.stat().st_size / 1e6)
 
