@@ -118,23 +118,26 @@ def test_tensorflow_runtime_errors_come_out_as_their_useful_line():
 def test_ctrl_c_while_tensorflow_imports_is_held_then_raised():
     """A Ctrl-C during TensorFlow's import is raised when the import ends (raised inside it,
     TensorFlow's handlers and GC callbacks can drop it); an ignored SIGINT stays ignored."""
-    import os
     import signal
 
     from bpnet._tfquiet import _ctrl_c_held
     reached = []
     with pytest.raises(KeyboardInterrupt):
         with _ctrl_c_held():
-            os.kill(os.getpid(), signal.SIGINT)
-            sum(range(100000))  # bytecode runs on: a raised interrupt would land here
+            # raise_signal: to this (the main) thread, handled before it returns; os.kill
+            # could reach another thread of the process and be handled late.
+            signal.raise_signal(signal.SIGINT)
+            for _ in range(1000):  # bytecode runs on: a raised interrupt would land here
+                pass
             reached.append(True)
     assert reached == [True]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with _ctrl_c_held():
-            os.kill(os.getpid(), signal.SIGINT)
-            sum(range(100000))
+            signal.raise_signal(signal.SIGINT)
+            for _ in range(1000):
+                pass
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
