@@ -82,7 +82,6 @@ CACHE_FORMAT = "bpnet-int8-calibration"
 CACHE_VERSION = 3
 #: --int8_scope: what is quantized (auto: backbone where the network has refinement stages).
 SCOPES = ("auto", "all", "backbone")
-DEFAULT_SCOPE = "auto"
 #: --int8_weight_bits: 8 (the full int8 range, what TensorRT and VNNI CPUs want) or 7 (for
 #: x86 CPUs without VNNI, whose int8 kernels saturate with 8-bit weights; see cpu_int8_saturates).
 WEIGHT_BITS = (8, 7)
