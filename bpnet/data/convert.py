@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import BpnetError
-from ..io import LOCK_NAME, RunLock, same_file
+from ..io import LOCK_NAME, RunLock, output_lock, same_file
 from . import records as R
 
 log = logging.getLogger("bpnet.dataset_convert")
@@ -243,8 +243,8 @@ def dataset_convert(dataset_spec_path, output_filename, mode: str = "train", num
     made = None if made.exists() else made
     try:
         with contextlib.ExitStack() as locks:
-            locks.enter_context(RunLock(prefix.parent / f".{prefix.name}.bpnet.lock",
-                                        f"output {output_filename}", "dataset_convert"))
+            # The prefix as given names it in messages; the lock file is the same either way.
+            locks.enter_context(output_lock(Path(output_filename).expanduser(), "dataset_convert"))
             if generate_masks:
                 _probe_writable(masks_dir, "mask folder")
                 locks.enter_context(RunLock(Path(masks_dir) / LOCK_NAME,
