@@ -48,10 +48,10 @@ def _outputs(out, engine_file, data_type, cal_image_dir, cal_data_file, cal_cach
     return [(n, Path(o)) for n, o in outputs if o is not None]
 
 
-def _check_outputs_against_inputs(model_path, out, engine_file, experiment_spec, data_type,
-                                  cal_image_dir, cal_data_file, cal_cache_file):
-    """No file this run writes is one it reads, or another file it writes."""
-    outputs = _outputs(out, engine_file, data_type, cal_image_dir, cal_data_file, cal_cache_file)
+def _check_outputs_against_inputs(outputs, model_path, experiment_spec, data_type,
+                                  cal_data_file, cal_cache_file):
+    """No file this run writes (``outputs``, of ``_outputs``) is one it reads, or another file
+    it writes."""
     written = {n for n, _ in outputs}
     int8 = data_type == "int8"
     inputs = [("the model (-m)", model_path), ("the experiment spec (-e)", experiment_spec),
@@ -94,8 +94,9 @@ def export(model_path, output_path=None, *, key: Optional[str] = None,
         _check_output(Path(engine_file), model_path, "--engine_file")
         if Path(engine_file).resolve() == out.resolve():
             raise BpnetError(f"--engine_file {engine_file}: is the ONNX output file; give another name")
-    _check_outputs_against_inputs(model_path, out, engine_file, experiment_spec, data_type,
-                                  cal_image_dir, cal_data_file, cal_cache_file)
+    outputs = _outputs(out, engine_file, data_type, cal_image_dir, cal_data_file, cal_cache_file)
+    _check_outputs_against_inputs(outputs, model_path, experiment_spec, data_type, cal_data_file,
+                                  cal_cache_file)
     if static_batch_size == 0 or static_batch_size < -1:
         raise BpnetError(f"--static_batch_size {static_batch_size}: give a batch size >= 1, "
                          "or -1 for a dynamic batch")
@@ -127,8 +128,7 @@ def export(model_path, output_path=None, *, key: Optional[str] = None,
     # Every file this run writes is locked: two runs writing one file at once (with
     # different results dirs) would both report success while one's file is lost.
     with contextlib.ExitStack() as locks:
-        for _, path in _outputs(out, engine_file, data_type, cal_image_dir, cal_data_file,
-                                cal_cache_file):
+        for _, path in outputs:
             locks.enter_context(output_lock(path, "export"))
         # The model (a wrong or missing key is one clear error there).
         from ..model.meta import parse_meta
