@@ -295,13 +295,26 @@ class RunLock:
         return False
 
 
-def output_lock(path, task: str) -> RunLock:
-    """The lock of one output file, ``.<name>.bpnet.lock`` beside it (its folder is made):
+@contextlib.contextmanager
+def output_lock(path, task: str):
+    """The lock of one output file, ``.<name>.bpnet.lock`` beside it, held in a ``with``:
     two runs writing one file at once (with different results dirs) would both report
-    success while one's file is lost."""
+    success while one's file is lost. The file's folder is made for the lock; folders made
+    here that are still empty at the end (the run failed before writing) are removed."""
     path = Path(path)
+    made = []  # the folders this call makes, deepest first
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BpnetError(_cannot_write(path, e).strerror) from None
-    return RunLock(path.parent / f".{path.name}.bpnet.lock", f"output {path}", task)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BpnetError(_cannot_write(path, e).strerror) from None
+        with RunLock(path.parent / f".{path.name}.bpnet.lock", f"output {path}", task):
+            yield
+    finally:
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only an empty folder goes; another run's files keep it

@@ -698,9 +698,19 @@ def test_an_output_another_live_run_is_writing_is_one_error_and_kept(models, tmp
         r = invoke("export", "-m", models["lite"], "-o", tmp_path / "m.onnx", "-r", tmp_path / "r")
         assert r.exit_code == 0, r.output
         assert not list(tmp_path.glob(".*.lock"))
-        with output_lock(tmp_path / "sub" / "x.onnx", "test"):
-            assert (tmp_path / "sub" / ".x.onnx.bpnet.lock").is_file()
-        assert not (tmp_path / "sub" / ".x.onnx.bpnet.lock").exists()
+        with output_lock(tmp_path / "sub" / "deeper" / "x.onnx", "test"):
+            assert (tmp_path / "sub" / "deeper" / ".x.onnx.bpnet.lock").is_file()
+        assert not (tmp_path / "sub").exists()  # made for the lock, left empty: removed
+        # A run that fails after taking the lock leaves no empty output folder behind.
+        bad = tmp_path / "bad.keras"
+        bad.write_bytes(b"not a model")
+        r = invoke("export", "-m", bad, "-o", tmp_path / "new" / "m.onnx", "-r", tmp_path / "r2")
+        assert r.exit_code == 1 and len(error_lines(r.output, "export")) == 1, r.output
+        assert not (tmp_path / "new").exists()
+        (tmp_path / "kept").mkdir()
+        with output_lock(tmp_path / "kept" / "x.onnx", "test"):
+            (tmp_path / "kept" / "x.onnx").write_bytes(b"written")
+        assert (tmp_path / "kept" / "x.onnx").read_bytes() == b"written"
     finally:
         other.kill()
         other.wait()
