@@ -6,10 +6,11 @@ longer hides them. We point fd 2 at a temporary file while TensorFlow is
 imported and its devices are listed; if that fails, what was captured is
 shown with the error.
 
-A Ctrl-C during that import is held until the import ends and then raised:
-raised in the middle of it, it lands in TensorFlow's own handlers and
-garbage-collection callbacks, which drop it (the run went on as if nothing was
-pressed) or abort the process. A second Ctrl-C interrupts at once.
+A Ctrl-C (or a SIGTERM, which bpnet's commands handle alike) during that import
+is held until the import ends and then raised: raised in the middle of it, it
+lands in TensorFlow's own handlers and garbage-collection callbacks, which drop
+it (the run went on as if nothing was pressed) or abort the process. A second
+one interrupts at once.
 """
 
 from __future__ import annotations
@@ -23,25 +24,30 @@ import threading
 
 
 @contextlib.contextmanager
-def _ctrl_c_held():
-    """Hold a Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous == signal.SIG_IGN:
-        yield  # handlers are set from the main thread only; an ignored SIGINT stays ignored
+def _signals_held():
+    """Hold a Ctrl-C (SIGINT), or a SIGTERM bpnet handles, until the block ends, then deliver
+    it again to its handler (KeyboardInterrupt, ``Terminated``). A second one is not held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers are set from the main thread only
         return
+    # Only Python handlers are held: an ignored or default (killing) signal keeps its action.
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: h for s, h in previous.items() if callable(h)}
     pressed = []
 
     def hold(signum, frame):
         pressed.append(signum)
-        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C is not held
+        signal.signal(signum, previous[signum])  # a second one is not held
 
-    signal.signal(signal.SIGINT, hold)
+    for s in previous:
+        signal.signal(s, hold)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
     if pressed:
-        raise KeyboardInterrupt
+        signal.raise_signal(pressed[0])  # its own handler raises it here, in the main thread
 
 
 def import_tensorflow_quietly() -> bool:
@@ -50,7 +56,7 @@ def import_tensorflow_quietly() -> bool:
         return True
     sys.stderr.flush()
     saved = os.dup(2)
-    with _ctrl_c_held(), tempfile.TemporaryFile() as capture:
+    with _signals_held(), tempfile.TemporaryFile() as capture:
         os.dup2(capture.fileno(), 2)
         try:
             import tensorflow as tf

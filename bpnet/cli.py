@@ -9,16 +9,19 @@ bodies are imported when their command runs, and heavy libraries
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .errors import BpnetError
+from .errors import BpnetError, Terminated
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]  # TAO's, in any case
 log = logging.getLogger("bpnet")
@@ -62,9 +65,31 @@ def run_task(name: str, results_dir, log_level: str, body, tensorflow: bool = Fa
             status = Status(results, name)
         except OSError as e:
             _die(name, f"cannot write to results dir {results}: {e.strerror or e}")
-        return _run_body(name, status, log_level, body, tensorflow)
+        with _sigterm_stops():
+            return _run_body(name, status, log_level, body, tensorflow)
     finally:
         lock.release()
+
+
+@contextlib.contextmanager
+def _sigterm_stops():
+    """SIGTERM raises ``Terminated`` (a KeyboardInterrupt) in the main thread for the block:
+    a stop from ``kill`` or a job scheduler ends the run as Ctrl-C does (outputs kept, locks
+    released, status.json at FAILURE) instead of killing it mid-write. A handler someone
+    else set (bpnet called from Python) is left alone."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL):
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _run_body(name, status, log_level, body, tensorflow):
@@ -75,6 +100,8 @@ def _run_body(name, status, log_level, body, tensorflow):
         out = body(status)
     except BpnetError as e:
         _fail(name, status, str(e), log_level)
+    except Terminated:
+        _fail(name, status, "terminated (SIGTERM)", log_level, code=143)
     except KeyboardInterrupt:
         _fail(name, status, "interrupted", log_level, code=130)
     except OSError as e:

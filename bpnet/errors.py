@@ -11,3 +11,9 @@ class BpnetError(Exception):
 
 class SpecError(BpnetError):
     """A spec or config file that cannot be read or does not validate."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler's stop, ``docker stop``), raised in the main thread
+    while a command runs: handled like Ctrl-C (what was written is kept, locks are released,
+    status.json says so), exit code 143."""

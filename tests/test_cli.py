@@ -120,10 +120,10 @@ def test_ctrl_c_while_tensorflow_imports_is_held_then_raised():
     TensorFlow's handlers and GC callbacks can drop it); an ignored SIGINT stays ignored."""
     import signal
 
-    from bpnet._tfquiet import _ctrl_c_held
+    from bpnet._tfquiet import _signals_held
     reached = []
     with pytest.raises(KeyboardInterrupt):
-        with _ctrl_c_held():
+        with _signals_held():
             # raise_signal: to this (the main) thread, handled before it returns; os.kill
             # could reach another thread of the process and be handled late.
             signal.raise_signal(signal.SIGINT)
@@ -134,10 +134,36 @@ def test_ctrl_c_while_tensorflow_imports_is_held_then_raised():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with _ctrl_c_held():
+        with _signals_held():
             signal.raise_signal(signal.SIGINT)
             for _ in range(1000):
                 pass
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_sigterm_stops_a_command_like_ctrl_c_and_is_held_during_the_tensorflow_import():
+    """While a command runs, SIGTERM (kill, a job scheduler) raises Terminated, a
+    KeyboardInterrupt, in the main thread; during TensorFlow's import it is held like Ctrl-C.
+    Outside a command SIGTERM keeps its default action."""
+    import signal
+
+    from bpnet._tfquiet import _signals_held
+    from bpnet.cli import _sigterm_stops
+    from bpnet.errors import Terminated
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    reached = []
+    with pytest.raises(Terminated):
+        with _sigterm_stops(), _signals_held():
+            signal.raise_signal(signal.SIGTERM)
+            for _ in range(1000):
+                pass
+            reached.append(True)
+    assert reached == [True]
+    with pytest.raises(Terminated):
+        with _sigterm_stops():
+            signal.raise_signal(signal.SIGTERM)
+            for _ in range(1000):
+                pass
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored after the command

@@ -398,6 +398,35 @@ def test_interrupted_folder_keeps_what_was_done_and_never_mixes_runs(tiny, spec_
     assert not list(out.glob(".*.tmp")) and not list((out / "images_annotated").glob(".*"))
 
 
+def test_sigterm_stops_a_video_run_like_ctrl_c(tiny, spec_file, tmp_path, monkeypatch):
+    """A real SIGTERM (a job scheduler's stop) at frame 4: exit 143, the frames done are kept,
+    status.json says terminated, the results dir's lock is released."""
+    import signal
+
+    import bpnet.tasks.inference as task
+    clip = _clip(tmp_path / "clip.avi")
+    real = task._frame_line
+
+    def sigterm(k, *a):
+        if k == 4:
+            # bpnet's handler must be in place, or this would kill the test process.
+            assert callable(signal.getsignal(signal.SIGTERM))
+            signal.raise_signal(signal.SIGTERM)
+        return real(k, *a)
+    monkeypatch.setattr(task, "_frame_line", sigterm)
+    out = tmp_path / "out"
+    r = invoke("inference", "-i", spec_file, "-m", tiny["keras"], "--input_type", "video",
+               "--input", clip, "-r", out, "--batch_size", "2")
+    assert r.exit_code == 143, r.output
+    assert "error: terminated (SIGTERM)" in r.output
+    lines = (out / "clip_frames.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["frame"] for ln in lines] == [0, 1, 2, 3]
+    st = json.loads((out / "status.json").read_text())
+    assert st["status"] == "FAILURE" and st["message"] == "terminated (SIGTERM)"
+    assert not (out / ".bpnet.lock").exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_interrupted_video_keeps_its_frames_and_video(tiny, spec_file, tmp_path, monkeypatch):
     import bpnet.tasks.inference as task
     clip = _clip(tmp_path / "clip.avi")
