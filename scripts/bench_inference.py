@@ -11,8 +11,14 @@
 
 One line per model x runtime x precision x height:
     {"model", "runtime", "precision", "streams", "input": [H, W], "ms_network", "ms_decode", "ms_pre",
-     "fps_end_to_end", "frames", "people_per_frame", + "ap_val", "ap_train" with --ap}
-and a first line with the machine: cores, load average, versions.
+     "fps_end_to_end", "frames", "people_per_frame", "gmac", "gmac_per_s",
+     + "ap_val", "ap_train" with --ap}
+and a first line with the machine: cores, load average, versions, and ``sgemm_gflops``
+(NumPy's float32 matrix product: the CPU's practical float32 peak). ``gmac``: the network's
+multiply-accumulates for one frame (x 1e9); ``gmac_per_s``: those done a second in the
+network (``streams`` calls of ``ms_network`` at once). 2 x ``gmac_per_s`` against
+``sgemm_gflops`` says how close a float32 runtime is to this CPU's limit, and
+``25 x gmac`` GMAC/s is what 25 fps needs.
 
 The video is ../shared/data/video/demo.mp4 (960x540, 5 frames), read from the file again
 and again (looped) so every frame is decoded as `bpnet inference` decodes it. Each
@@ -124,6 +130,44 @@ def input_hw(pred):
     return list(pred.planned_shape(frame.shape[:2]))
 
 
+def network_gmac(keras_file, hw):
+    """Multiply-accumulates (x 1e9) of the network's convolutions for one H x W input: the
+    ONNX graph ``bpnet export`` writes (the last stage's outputs only), shapes inferred."""
+    import numpy as np
+    import onnx
+
+    from bpnet.export.onnx import keras_to_onnx
+    from bpnet.model.weights import load_model_file
+    model, _ = load_model_file(keras_file, None, "-m")
+    proto = onnx.shape_inference.infer_shapes(keras_to_onnx(model, batch=1, input_hw=hw))
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(proto.graph.value_info) + list(proto.graph.output)}
+    weights = {w.name: list(w.dims) for w in proto.graph.initializer}
+    macs = 0
+    for node in proto.graph.node:
+        if node.op_type == "Conv" and node.input[1] in weights and node.output[0] in shapes:
+            # Each output value: one product per weight of its filter ([out, in/group, kh, kw]).
+            macs += int(np.prod(shapes[node.output[0]])) * int(np.prod(weights[node.input[1]][1:]))
+    return round(macs / 1e9, 3)
+
+
+def sgemm_gflops():
+    """This CPU's float32 matrix-product rate through NumPy's BLAS (all its threads), best of 5:
+    about the most a runtime's float32 convolutions can reach here."""
+    import numpy as np
+    n = 1536
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    a @ a
+    best = min(_seconds(lambda: a @ a) for _ in range(5))
+    return round(2 * n ** 3 / best / 1e9, 1)
+
+
+def _seconds(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def make_models(name, work: Path, precisions):
     """{precision or 'keras': model file}, made once and kept in ``work``."""
     from bpnet.tasks.export import export
@@ -226,6 +270,7 @@ def main():
     print(json.dumps({"machine": platform.processor() or platform.machine(),
                       "usable_cores": usable_cores(),
                       "cpu_int8_saturates": cpu_int8_saturates(),
+                      "sgemm_gflops": sgemm_gflops(),
                       "load_avg_1_5_15": [round(v, 2) for v in os.getloadavg()],
                       "versions": versions}), flush=True)
     runtimes = [r for r in a.runtimes.split(",") if r]
@@ -256,6 +301,7 @@ def main():
                                              "keep_aspect_ratio_mode":
                                                  spec.keep_aspect_ratio_mode,
                                              "decoder": dataclasses.asdict(spec.decoder)}))
+            gmac = None
             for rt in runtimes:
                 for prec, compute, streams in configurations(rt, precisions, a.bf16,
                                                              stream_counts):
@@ -264,9 +310,14 @@ def main():
                                      precision=compute, streams=streams)
                     label = prec if compute != "bf16" else (
                         "bf16" if prec == "fp32" else f"{prec}+bf16")
+                    hw = input_hw(pred)
+                    if gmac is None:
+                        gmac = network_gmac(files["keras"], hw)
                     row = {"model": name, "runtime": rt, "precision": label,
-                           "streams": streams, "input": input_hw(pred),
-                           **time_video(pred, a.seconds, a.max_frames)}
+                           "streams": streams, "input": hw,
+                           **time_video(pred, a.seconds, a.max_frames), "gmac": gmac}
+                    # Multiply-accumulates a second: ``streams`` calls of ms_network at once.
+                    row["gmac_per_s"] = round(gmac * streams / row["ms_network"] * 1000, 1)
                     del pred
                     gc.collect()
                     # AP does not depend on the streams: measured once, with one.
