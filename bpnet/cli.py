@@ -33,8 +33,10 @@ def _setup_logging(level: str):
     if level != "DEBUG":
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
-        # FFmpeg's own lines ("moov atom not found") beside bpnet's one error line.
+        # FFmpeg's own lines ("moov atom not found") and OpenCV's ("[ WARN:0@0.2] global
+        # cap.cpp ...", a stream that does not open) beside bpnet's one error line.
         os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+        os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
         for noisy in ("tensorflow", "absl", "h5py", "tf2onnx", "matplotlib", "numba"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
@@ -436,8 +438,10 @@ def evaluate_cmd(dataset, inference_spec, model_filename, dataset_spec, key, run
 @click.option("--input_type", type=click.Choice(["image", "dir", "json", "video"]), default="image",
               show_default=True,
               help="image: one file; dir: a folder of images; json: a list of paths or COCO-style "
-                   "images[].file_name; video: a video file or a webcam index (e.g. 0).")
-@click.option("--input", "input_path", required=True, help="The image, folder, JSON file, video or webcam index.")
+                   "images[].file_name; video: a video file, a webcam index (e.g. 0) or a stream "
+                   "address (rtsp://..., http://...).")
+@click.option("--input", "input_path", required=True,
+              help="The image, folder, JSON file, video, webcam index or stream address.")
 @click.option("--image_root_path", default=None, type=click.Path(),
               help="Folder the paths of a json input are relative to.")
 @click.option("--dump_visualizations", is_flag=True,
@@ -445,7 +449,7 @@ def evaluate_cmd(dataset, inference_spec, model_filename, dataset_spec, key, run
 @click.option("--batch_size", type=click.IntRange(min=1), default=4, show_default=True,
               help="Pictures per network call (same-size inputs are batched).")
 @click.option("--max_frames", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Video: stop after this many frames (0: all; a webcam runs until Ctrl-C).")
+              help="Video: stop after this many frames (0: all; a webcam or stream runs until Ctrl-C).")
 @click.option("--streams", default=None, type=click.IntRange(1, 16),
               help="OpenVINO: network calls in flight at once on a video or folder (2 on a "
                    "2-core CPU: more frames per second, each frame slower). Overrides the "
@@ -454,7 +458,7 @@ def evaluate_cmd(dataset, inference_spec, model_filename, dataset_spec, key, run
 def inference_cmd(inference_spec, model_filename, input_type, input_path, image_root_path, key,
                   runtime, inference_precision, dump_visualizations, batch_size, max_frames,
                   streams, results_dir, log_level):
-    """Find people in images, a folder, a list, a video or a webcam."""
+    """Find people in images, a folder, a list, a video, a webcam or a camera stream."""
     def body(status):
         from .tasks.inference import run_inference
         return run_inference(inference_spec, model_filename, input_type, input_path, results_dir,

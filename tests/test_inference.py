@@ -1,6 +1,7 @@
 """`bpnet inference` and the Predictor: runners, geometry end to end, outputs, bad input,
 and the real pretrained network on real pictures and video."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -437,6 +438,14 @@ def test_an_unreadable_video_is_only_bpnets_line_on_stderr(tmp_path, tiny, spec_
     lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("INFO ")]
     assert lines == [f"bpnet inference: error: --input {clip}: cannot open as a video (corrupt "
                      "or unsupported format)"], r.stderr
+    # A stream address that does not answer: bpnet's line only (no FFmpeg or OpenCV lines).
+    r = bpnet_cli("inference", "-i", spec_file, "-m", tiny, "--input_type", "video",
+                  "--input", "rtsp://viewer:s3cret@127.0.0.1:9/live", "-r", tmp_path / "out")
+    assert r.returncode == 1
+    lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("INFO ")]
+    assert lines == ["bpnet inference: error: --input rtsp://viewer:***@127.0.0.1:9/live: cannot "
+                     "open the stream (no answer within 15 s, or a protocol or format OpenCV's "
+                     "FFmpeg cannot read)"], r.stderr
 
 
 def test_a_rerun_replaces_the_outputs_and_a_failed_one_keeps_them(tmp_path, tiny, spec_file):
@@ -500,6 +509,81 @@ def test_video_file_writes_tracks_frames_and_annotated_video(tmp_path, tiny, spe
                "--input", str(clip), "-r", str(tmp_path / "out2"), "--max_frames", "2")
     assert r.exit_code == 0
     assert len((tmp_path / "out2" / "clip_frames.jsonl").read_text().strip().splitlines()) == 2
+
+
+@contextlib.contextmanager
+def _http_server(folder: Path):
+    """A local HTTP server of ``folder`` (a network stream bpnet reads as a camera's)."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                          functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_stream_address_runs_live_and_never_writes_its_password(tmp_path, tiny, spec_file):
+    """--input http://user:password@host/clip.avi: read over the network like a camera, the
+    same people as the file run frame for frame, outputs named after the address's last
+    part, the password nowhere in the outputs or the log."""
+    served = tmp_path / "served"
+    served.mkdir()
+    clip = served / "clip.avi"
+    vw = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 10, (96, 64))
+    for k in range(6):
+        frame = np.full((64, 96, 3), 40, np.uint8)
+        cv2.circle(frame, (20 + 8 * k, 32), 10, (255, 255, 255), -1)
+        vw.write(frame)
+    vw.release()
+
+    def run(source, out):
+        return invoke("inference", "-i", str(spec_file), "-m", str(tiny), "--input_type",
+                      "video", "--input", source, "-r", str(out), "--dump_visualizations",
+                      "--batch_size", "1")
+    assert run(str(clip), tmp_path / "file").exit_code == 0
+    with _http_server(served) as host:
+        r = run(f"http://viewer:s3cret@{host}/clip.avi", tmp_path / "live")
+        assert r.exit_code == 0, r.output
+        assert "the stream ended" in r.output and "s3cret" not in r.output
+        # An address that does not answer, and a missing stream: one error each, no password.
+        for source, needle in ((f"http://viewer:s3cret@{host}/none.avi", "cannot open the stream"),
+                               ("rtsp://viewer:s3cret@127.0.0.1:9/live", "cannot open the stream")):
+            r = run(source, tmp_path / "bad")
+            assert r.exit_code == 1 and needle in r.output and "s3cret" not in r.output, r.output
+            assert "viewer:***@" in r.output
+    live, file = tmp_path / "live", tmp_path / "file"
+    assert (live / "clip_frames.jsonl").read_text() == (file / "clip_frames.jsonl").read_text()
+    det = json.loads((live / "detections.json").read_text())
+    assert [e["full_image_path"] for e in det["images"]] == [
+        f"http://viewer:***@{host}/clip.avi#frame={k}" for k in range(6)]
+    assert [e["keypoints"] for e in det["images"]] == [
+        e["keypoints"] for e in json.loads((file / "detections.json").read_text())["images"]]
+    assert (live / "images_annotated" / "clip_annotated.mp4").stat().st_size > 0
+    assert not any(b"s3cret" in f.read_bytes() for f in live.rglob("*") if f.is_file())
+
+
+def test_stream_addresses_names_and_passwords():
+    from bpnet.infer.sources import is_stream, is_webcam, public_address, stream_stem
+    assert is_stream("rtsp://cam.local:554/live/ch1") and is_stream("http://h/v.mp4")
+    assert not is_stream("0") and not is_stream("videos/a.mp4") and is_webcam("0")
+    assert public_address("rtsp://admin:pw@10.0.0.2/live") == "rtsp://admin:***@10.0.0.2/live"
+    assert public_address("rtsp://admin@10.0.0.2/live") == "rtsp://admin@10.0.0.2/live"
+    assert public_address("http://h/a@b.mp4") == "http://h/a@b.mp4"  # an @ in the path
+    assert stream_stem("rtsp://cam.local:554/live/ch1") == "ch1"
+    assert stream_stem("http://h:8000/clips/clip.avi?token=x") == "clip"
+    assert stream_stem("rtsp://10.0.0.2:554/") == "stream"
+    assert stream_stem("udp://239.0.0.1:1234") == "stream"
+    assert stream_stem("http://h/we ird%20name.mjpg") == "we_ird_20name"
 
 
 # ------------------------------------------------------------------ the real network

@@ -6,7 +6,7 @@
   becomes the image id), as Items; inputs that cannot be pictures are
   reported as skipped, before any pixel is read.
 - ``open_video`` / ``frames``: a video file (anything OpenCV's FFmpeg backend
-  reads) or a webcam index, frame by frame.
+  reads), a webcam index or a stream address (rtsp://, http://, ...), frame by frame.
 - ``Mp4Writer``: an annotated video that appears only when complete.
 
 Everything that cannot be used at all is one BpnetError.
@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
@@ -128,13 +129,54 @@ def is_webcam(source) -> bool:
     return str(source).strip().isdigit() and not Path(str(source)).exists()
 
 
+_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)([^/@]*@)?(.*)$", re.S)
+STREAM_TIMEOUT_S = 15  # to open a stream, and for each frame read from it
+
+
+def is_stream(source) -> bool:
+    """An address (rtsp://, rtmp://, http(s)://, udp://, ...) names a network stream, read
+    live as a webcam is."""
+    return bool(_URL.match(str(source).strip()))
+
+
+def public_address(source) -> str:
+    """A stream address without the password in it (``user:secret@`` -> ``user:***@``): what
+    logs, messages and output files show."""
+    m = _URL.match(str(source).strip())
+    if not m or not m.group(2) or ":" not in m.group(2):
+        return str(source).strip()  # no password in it
+    user = m.group(2)[:-1].split(":", 1)[0]
+    return f"{m.group(1)}{user}:***@{m.group(3)}"
+
+
+def stream_stem(source) -> str:
+    """A file-name stem for a stream's outputs: the last part of the address's path without
+    its extension and query (``rtsp://cam/live/ch1`` -> ``ch1``), or ``stream``."""
+    path = _URL.match(str(source).strip()).group(3).split("?", 1)[0].split("#", 1)[0]
+    parts = path.rstrip("/").split("/")
+    last = os.path.splitext(parts[-1])[0] if len(parts) > 1 else ""
+    last = re.sub(r"[^A-Za-z0-9_-]+", "_", last).strip("_")
+    return last or "stream"
+
+
 def open_video(source: str):
-    """(cv2.VideoCapture, is_webcam) for a file or a webcam index; BpnetError if unreadable."""
+    """(cv2.VideoCapture, live) for a file, a webcam index or a stream address; ``live``: a
+    webcam or a stream (frames as they come, no frame count). BpnetError if unreadable."""
     import cv2
     if is_webcam(source):
         cap = cv2.VideoCapture(int(source))
         if not cap.isOpened():
             raise BpnetError(f"--input {source}: cannot open webcam {int(source)}")
+        return cap, True
+    if is_stream(source):
+        # Bounded waits: an address that does not answer is an error, not a hang.
+        ms = STREAM_TIMEOUT_S * 1000
+        cap = cv2.VideoCapture(str(source).strip(), cv2.CAP_FFMPEG,
+                               [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
+        if not cap.isOpened():
+            raise BpnetError(f"--input {public_address(source)}: cannot open the stream (no "
+                             f"answer within {STREAM_TIMEOUT_S} s, or a protocol or format "
+                             "OpenCV's FFmpeg cannot read)")
         return cap, True
     p = Path(source)
     if not p.is_file():

@@ -8,8 +8,9 @@ Inputs (--input_type; see bpnet.infer.sources):
   ``images[].file_name`` (their ``id`` becomes the COCO result's image_id);
   paths are relative to --image_root_path (default: as given, then the JSON
   file's folder).
-- video: a video file (anything OpenCV's FFmpeg backend reads: mp4, avi, ...)
-  or a webcam index (``--input 0``). A picture file is refused.
+- video: a video file (anything OpenCV's FFmpeg backend reads: mp4, avi, ...),
+  a webcam index (``--input 0``) or a stream address (``rtsp://...``, ``http://...``;
+  read live like a webcam, its password never written out). A picture file is refused.
 
 The network runs in the runtime asked for (--runtime / the spec's
 ``runtime``; auto: the fastest installed for the file; bpnet.infer.runners).
@@ -43,7 +44,8 @@ import time
 from pathlib import Path
 
 from ..errors import BpnetError
-from ..infer.sources import INPUT_TYPES, Item, collect_inputs, is_webcam
+from ..infer.sources import (INPUT_TYPES, STREAM_TIMEOUT_S, Item, collect_inputs, is_stream,
+                             is_webcam)
 from ..io import write_bytes_atomic
 
 log = logging.getLogger("bpnet.inference")
@@ -93,7 +95,7 @@ def run_inference(inference_spec, model_filename=None, input_type="dir", input_p
 
 
 def _check_video_input(source):
-    if is_webcam(source):
+    if is_webcam(source) or is_stream(source):
         return
     p = Path(source)
     if not p.exists():
@@ -298,19 +300,24 @@ class _Run:
         from ..infer.detect import RunTimer, detect
         from ..infer.draw import draw_people
         from ..infer.outputs import coco_results, image_entry
-        from ..infer.sources import Mp4Writer, frames, open_video
+        from ..infer.sources import (Mp4Writer, frames, open_video, public_address,
+                                     stream_stem)
         from ..infer.track import Tracker
 
         pred, out = self.predictor, self.out
-        cap, is_cam = open_video(source)
+        cap, live = open_video(source)  # live: a webcam or a stream
         fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
         if not fps or math.isnan(fps) or fps > 240:  # unknown or nonsense: a common default
             fps = 25.0
-        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if not is_cam else 0
+        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if not live else 0
         if max_frames:
             total = min(total, max_frames) if total > 0 else max_frames
-        stem = f"webcam{int(source)}" if is_cam else Path(source).stem
-        label = f"webcam:{int(source)}" if is_cam else str(source)
+        if is_webcam(source):
+            stem, label = f"webcam{int(source)}", f"webcam:{int(source)}"
+        elif live:
+            stem, label = stream_stem(source), public_address(source)
+        else:
+            stem, label = Path(source).stem, str(source)
         jsonl = out / f"{stem}_frames.jsonl"
         tracker = Tracker()
         lines = []
@@ -318,8 +325,8 @@ class _Run:
         bar = _progress_bar(total or None, "video", self.progress)
         timer = RunTimer()
         interrupted = False
-        # A webcam's frames are shown as they come: one at a time, no read-ahead window.
-        bs = 1 if is_cam else self.batch_size
+        # A webcam's or stream's frames are shown as they come: one at a time, no read-ahead.
+        bs = 1 if live else self.batch_size
         pictures = detect(pred, frames(cap, label, max_frames), bs, window=1,
                           threaded=self.threaded)
         try:
@@ -350,12 +357,12 @@ class _Run:
                                              fps=timer.fps())
                     self._checkpoint(total=total or None, lines=lines, jsonl=jsonl)
         except KeyboardInterrupt:
-            if not is_cam:
+            if not live:
                 self._stop_video(cap, bar, writer)
                 self._interrupted(len(self.entries), total or None, "frames", lines=lines,
                                   jsonl=jsonl)
                 raise
-            # Ctrl-C is how a webcam run ends: keep what was seen.
+            # Ctrl-C is how a webcam's or a stream's run ends: keep what was seen.
             interrupted = True
         except BaseException:
             self._stop_video(cap, bar, writer)
@@ -368,10 +375,15 @@ class _Run:
         if not self.entries:
             if writer is not None:
                 writer.close(keep=False)
-            raise BpnetError(f"--input {source}: no frame could be read (corrupt or empty video)")
-        if total and len(self.entries) < total and not is_cam:
+            what = "the stream sent no frame" if is_stream(source) else (
+                "no frame could be read (corrupt or empty video)")
+            raise BpnetError(f"--input {label}: {what}")
+        if total and len(self.entries) < total and not live:
             log.warning("%s: read %d of the %d frames the container announces (the rest is "
                         "unreadable)", source, len(self.entries), total)
+        if is_stream(source) and not interrupted and len(self.entries) != max_frames:
+            log.warning("%s: the stream ended (or sent nothing for %d s) after %d frames",
+                        label, STREAM_TIMEOUT_S, len(self.entries))
         if writer is not None:
             writer.close(keep=True)
         summary = {"frames": len(self.entries), "skipped": 0, "people": self.n_people,
