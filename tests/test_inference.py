@@ -481,14 +481,19 @@ def test_a_rerun_replaces_the_outputs_and_a_failed_one_keeps_them(tmp_path, tiny
     assert [Path(e["full_image_path"]).name for e in det["images"]] == ["c.png"]
 
 
-def test_video_file_writes_tracks_frames_and_annotated_video(tmp_path, tiny, spec_file):
-    clip = tmp_path / "clip.avi"
+def _moving_dot_clip(clip: Path, n: int) -> Path:
+    """An MJPG .avi of ``n`` 96x64 frames: a white dot moving right."""
     vw = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 10, (96, 64))
-    for k in range(7):
+    for k in range(n):
         frame = np.full((64, 96, 3), 40, np.uint8)
         cv2.circle(frame, (20 + 8 * k, 32), 10, (255, 255, 255), -1)
         vw.write(frame)
     vw.release()
+    return clip
+
+
+def test_video_file_writes_tracks_frames_and_annotated_video(tmp_path, tiny, spec_file):
+    clip = _moving_dot_clip(tmp_path / "clip.avi", 7)
     out = tmp_path / "out"
     r = invoke("inference", "-i", str(spec_file), "-m", str(tiny), "--input_type", "video",
                "--input", str(clip), "-r", str(out), "--dump_visualizations",
@@ -538,13 +543,7 @@ def test_a_stream_address_runs_live_and_never_writes_its_password(tmp_path, tiny
     part, the password nowhere in the outputs or the log."""
     served = tmp_path / "served"
     served.mkdir()
-    clip = served / "clip.avi"
-    vw = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 10, (96, 64))
-    for k in range(6):
-        frame = np.full((64, 96, 3), 40, np.uint8)
-        cv2.circle(frame, (20 + 8 * k, 32), 10, (255, 255, 255), -1)
-        vw.write(frame)
-    vw.release()
+    clip = _moving_dot_clip(served / "clip.avi", 6)
 
     def run(source, out):
         return invoke("inference", "-i", str(spec_file), "-m", str(tiny), "--input_type",
