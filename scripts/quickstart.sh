@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the bundled synthetic sample data, from the
 # repository root: make data -> dataset_convert -> train -> inference ->
-# evaluate. A few minutes on a laptop CPU. Outputs: sample_data/, results/.
+# evaluate. 7 to 23 minutes on 2 cores (README). Outputs: sample_data/, results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +14,7 @@ bpnet make_sample_data -o sample_data
 echo "== 2/5 dataset_convert: TFRecords + loss masks"
 bpnet dataset_convert -d sample_data/sample_spec.json -m train -o sample_data/records/train --generate_masks
 bpnet dataset_convert -d sample_data/sample_spec.json -m test -o sample_data/records/val --generate_masks
-echo "== 3/5 train a small model from scratch (about 8 CPU minutes)"
+echo "== 3/5 train a small model from scratch (8 to 33 CPU minutes, by the CPU)"
 bpnet train -e specs/bpnet_train_sample.yaml -r results/sample_train
 echo "== 4/5 inference on the validation images, with drawings"
 bpnet inference -i specs/infer_spec_sample.yaml -m results/sample_train/bpnet_model.keras \
