@@ -302,11 +302,7 @@ def output_lock(path, task: str):
     success while one's file is lost. The file's folder is made for the lock; folders made
     here that are still empty at the end (the run failed before writing) are removed."""
     path = Path(path)
-    made = []  # the folders this call makes, deepest first
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        made.append(folder)
-        folder = folder.parent
+    made = missing_folders(path.parent)
     try:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -315,6 +311,24 @@ def output_lock(path, task: str):
         with RunLock(path.parent / f".{path.name}.bpnet.lock", f"output {path}", task):
             yield
     finally:
-        for d in made:
-            with contextlib.suppress(OSError):
-                d.rmdir()  # only an empty folder goes; another run's files keep it
+        remove_empty_folders(made)
+
+
+def missing_folders(folder) -> list:
+    """``folder`` and those of its parents that do not exist yet, deepest first: the folders
+    a run that makes ``folder`` creates, for ``remove_empty_folders`` to take back."""
+    made, f = [], Path(folder).absolute()
+    while not f.exists() and f != f.parent:
+        made.append(f)
+        f = f.parent
+    return made
+
+
+def remove_empty_folders(folders):
+    """Remove ``folders`` (deepest first) while they are empty: files in one, another run's
+    or this run's, keep it and the folders above it."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return

@@ -30,7 +30,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import BpnetError
-from ..io import LOCK_NAME, RunLock, output_lock, same_file
+from ..io import (LOCK_NAME, RunLock, missing_folders, output_lock, remove_empty_folders,
+                  same_file)
 from . import records as R
 
 log = logging.getLogger("bpnet.dataset_convert")
@@ -237,10 +238,7 @@ def dataset_convert(dataset_spec_path, output_filename, mode: str = "train", num
     _probe_writable(prefix.parent, "output folder")
     _check_outputs_are_not_inputs(prefix, images_dir, masks_dir, ann_path, generate_masks)
     # One run at a time per output prefix and per mask folder (released on any exit).
-    made = Path(masks_dir).absolute()  # the highest folder of the mask path this run makes
-    while not made.parent.exists():
-        made = made.parent
-    made = None if made.exists() else made
+    made = missing_folders(masks_dir)  # the mask folders this run makes
     try:
         with contextlib.ExitStack() as locks:
             # The prefix as given names it in messages; the lock file is the same either way.
@@ -253,16 +251,8 @@ def dataset_convert(dataset_spec_path, output_filename, mode: str = "train", num
                                    ann_path, root, prefix, output_filename, num_partitions,
                                    num_shards, generate_masks, check_files, workers, status)
     except BaseException:
-        if generate_masks and made is not None:  # the empty folders this run made
-            folder = Path(masks_dir).absolute()
-            while True:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
-                if folder == made:
-                    break
-                folder = folder.parent
+        if generate_masks:  # the empty folders this run made
+            remove_empty_folders(made)
         raise
 
 
