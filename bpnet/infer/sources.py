@@ -159,6 +159,16 @@ def stream_stem(source) -> str:
     return last or "stream"
 
 
+def video_names(source) -> Tuple[str, str]:
+    """(stem of a video run's output files, label of its frames in detections.json) for a
+    video file, a webcam index or a stream address (without its password)."""
+    if is_webcam(source):
+        return f"webcam{int(source)}", f"webcam:{int(source)}"
+    if is_stream(source):
+        return stream_stem(source), public_address(source)
+    return Path(source).stem, str(source)
+
+
 def open_video(source: str):
     """(cv2.VideoCapture, live) for a file, a webcam index or a stream address; ``live``: a
     webcam or a stream (frames as they come, no frame count). BpnetError if unreadable."""

@@ -300,24 +300,19 @@ class _Run:
         from ..infer.detect import RunTimer, detect
         from ..infer.draw import draw_people
         from ..infer.outputs import coco_results, image_entry
-        from ..infer.sources import (Mp4Writer, frames, open_video, public_address,
-                                     stream_stem)
+        from ..infer.sources import Mp4Writer, frames, open_video, video_names
         from ..infer.track import Tracker
 
         pred, out = self.predictor, self.out
         cap, live = open_video(source)  # live: a webcam or a stream
+        stream = is_stream(source)
         fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
         if not fps or math.isnan(fps) or fps > 240:  # unknown or nonsense: a common default
             fps = 25.0
         total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if not live else 0
         if max_frames:
             total = min(total, max_frames) if total > 0 else max_frames
-        if is_webcam(source):
-            stem, label = f"webcam{int(source)}", f"webcam:{int(source)}"
-        elif live:
-            stem, label = stream_stem(source), public_address(source)
-        else:
-            stem, label = Path(source).stem, str(source)
+        stem, label = video_names(source)
         jsonl = out / f"{stem}_frames.jsonl"
         tracker = Tracker()
         lines = []
@@ -375,13 +370,13 @@ class _Run:
         if not self.entries:
             if writer is not None:
                 writer.close(keep=False)
-            what = "the stream sent no frame" if is_stream(source) else (
+            what = "the stream sent no frame" if stream else (
                 "no frame could be read (corrupt or empty video)")
             raise BpnetError(f"--input {label}: {what}")
         if total and len(self.entries) < total and not live:
             log.warning("%s: read %d of the %d frames the container announces (the rest is "
                         "unreadable)", source, len(self.entries), total)
-        if is_stream(source) and not interrupted and len(self.entries) != max_frames:
+        if stream and not interrupted and len(self.entries) != max_frames:
             log.warning("%s: the stream ended (or sent nothing for %d s) after %d frames",
                         label, STREAM_TIMEOUT_S, len(self.entries))
         if writer is not None:
